@@ -1,0 +1,245 @@
+"""vinn.uncertainty against inline numpy references, hand-computed cases and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vinn.uncertainty import (
+    confidence_score,
+    expected_calibration_error,
+    mutual_information,
+    predictive_entropy,
+    regression_uncertainty,
+    uncertainty,
+)
+
+
+def dirichlet_samples(t: int = 20, n: int = 50, c: int = 4) -> np.ndarray:
+    """(T, N, C) probabilities; a small concentration gives spread-out, sometimes near-certain samples."""
+    return np.random.default_rng(0).dirichlet(np.full(c, 0.7), size=(t, n))
+
+
+def reference(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kwon et al. (2018) decomposition and Deodato et al. (2020) confidence, written out in numpy."""
+    p_mean = p.mean(0)
+    aleatoric = (p - p**2).mean(0)
+    epistemic = ((p - p_mean) ** 2).mean(0)
+    u = (aleatoric + epistemic)[np.arange(p.shape[1]), p_mean.argmax(1)]
+    return aleatoric, epistemic, 1 - 2 * np.sqrt(u)
+
+
+def reference_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    """Guo et al. (2017) ECE as the usual loop over bins (lower, upper]."""
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    ece = 0.0
+    for k in range(n_bins):
+        in_bin = (confidence > k / n_bins) & (confidence <= (k + 1) / n_bins)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return ece
+
+
+@pytest.mark.parametrize("kind", ["numpy", "float32", "float64"])
+def test_confidence_and_uncertainty_match_reference(kind):
+    p = dirichlet_samples()
+    aleatoric, epistemic, confidence = reference(p)
+    x = p if kind == "numpy" else torch.tensor(p, dtype=getattr(torch, kind))
+    out = [*uncertainty(x), confidence_score(x)]
+    tol = 1e-5 if kind == "float32" else 1e-12
+    for got, want in zip(out, [aleatoric, epistemic, confidence]):
+        if kind == "numpy":
+            assert isinstance(got, np.ndarray) and got.dtype == np.float64
+        else:
+            assert isinstance(got, torch.Tensor) and got.dtype == x.dtype and got.device == x.device
+            got = got.numpy()
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_numpy_float32_stays_float32():
+    p = dirichlet_samples().astype(np.float32)
+    assert confidence_score(p).dtype == np.float32
+    assert all(a.dtype == np.float32 for a in uncertainty(p))
+    assert predictive_entropy(p).dtype == mutual_information(p).dtype == np.float32
+
+
+def test_reversed_numpy_view_is_accepted():
+    p = dirichlet_samples()[::-1]  # negative strides, which torch.from_numpy alone rejects
+    np.testing.assert_allclose(confidence_score(p), reference(p)[2], rtol=1e-12)
+
+
+def test_decomposition_sums_to_bernoulli_variance_of_mean():
+    p = dirichlet_samples()
+    aleatoric, epistemic = uncertainty(p)
+    p_mean = p.mean(0)
+    np.testing.assert_allclose(aleatoric + epistemic, p_mean * (1 - p_mean), rtol=1e-12, atol=1e-15)
+    assert (aleatoric >= 0).all() and (epistemic >= 0).all()
+    assert ((0 <= confidence_score(p)) & (confidence_score(p) <= 1)).all()
+
+
+def test_identical_samples_have_no_epistemic_uncertainty():
+    p = np.repeat(dirichlet_samples(t=1), 8, axis=0)
+    aleatoric, epistemic = uncertainty(p)
+    # mean_T of 8 equal floats can differ from them in the last bit, hence atol
+    np.testing.assert_allclose(epistemic, 0, atol=1e-30)
+    np.testing.assert_allclose(aleatoric, p[0] * (1 - p[0]), rtol=1e-12)
+    np.testing.assert_allclose(mutual_information(p), 0, atol=1e-15)
+    np.testing.assert_allclose(predictive_entropy(p), -(p[0] * np.log(p[0])).sum(1), rtol=1e-12)
+
+
+def test_confidence_extremes():
+    certain = np.zeros((5, 1, 3))
+    certain[:, 0, 1] = 1
+    uniform = np.full((5, 1, 2), 0.5)
+    assert confidence_score(certain)[0] == 1
+    assert confidence_score(uniform)[0] == 0
+    # an even split across samples: each sample certain, the mean maximally unsure
+    disagree = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])
+    aleatoric, epistemic = uncertainty(disagree)
+    np.testing.assert_array_equal(aleatoric, 0)
+    np.testing.assert_array_equal(epistemic, [[0.25, 0.25]])
+    assert confidence_score(disagree)[0] == 0
+
+
+@pytest.mark.parametrize("c", [2, 3, 10])
+def test_entropy_of_uniform_is_log_c(c):
+    p = torch.full((4, 3, c), 1 / c, dtype=torch.float64)
+    torch.testing.assert_close(predictive_entropy(p), torch.full((3,), math.log(c), dtype=torch.float64))
+    torch.testing.assert_close(mutual_information(p), torch.zeros(3, dtype=torch.float64))
+
+
+def test_entropy_treats_zero_probability_as_zero_contribution():
+    p = np.array([[[1.0, 0.0, 0.0]], [[0.0, 0.5, 0.5]]])
+    np.testing.assert_allclose(predictive_entropy(p), [-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))])
+    assert np.isfinite(mutual_information(p)).all()
+
+
+def test_mutual_information_hand_computed():
+    p = np.array([[[0.8, 0.2]], [[0.4, 0.6]]])
+
+    def h(*q):
+        return -sum(x * math.log(x) for x in q)
+
+    entropy_of_mean = h(0.6, 0.4)
+    mean_entropy = (h(0.8, 0.2) + h(0.4, 0.6)) / 2
+    np.testing.assert_allclose(predictive_entropy(p), [entropy_of_mean], rtol=1e-12)
+    np.testing.assert_allclose(mutual_information(p), [entropy_of_mean - mean_entropy], rtol=1e-12)
+    assert entropy_of_mean - mean_entropy > 0.05
+    # samples that are each certain but disagree: all of log 2 is epistemic
+    np.testing.assert_allclose(mutual_information(np.array([[[1.0, 0.0]], [[0.0, 1.0]]])), [math.log(2)])
+
+
+def test_mutual_information_is_nonnegative_and_below_entropy():
+    p = torch.tensor(dirichlet_samples(), dtype=torch.float32)
+    mi, h = mutual_information(p), predictive_entropy(p)
+    assert (mi >= 0).all() and (mi <= h + 1e-6).all()
+    assert mi.dtype == torch.float32 and mi.shape == (50,)
+
+
+def test_ece_hand_computed():
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.65, 0.35], [0.45, 0.55]])
+    labels = np.array([0, 0, 0, 1])
+    # n_bins=5: bin (0.8,1]: 0.9 right; bin (0.6,0.8]: 0.7 wrong, 0.65 right; bin (0.4,0.6]: 0.55 right
+    want = 1 / 4 * 0.1 + 2 / 4 * abs(0.5 - 0.675) + 1 / 4 * 0.45
+    assert expected_calibration_error(probs, labels, n_bins=5) == pytest.approx(want, abs=1e-12)
+    assert expected_calibration_error(torch.tensor(probs), torch.tensor(labels), n_bins=5) == pytest.approx(want)
+
+
+def test_ece_bins_are_closed_on_the_right():
+    probs = np.array([[0.75, 0.25], [0.2, 0.8]])
+    labels = np.array([0, 0])
+    # 0.75 belongs to (0.5, 0.75], apart from 0.8: (0.25 + 0.8) / 2, not |1 - 1.55| / 2
+    assert expected_calibration_error(probs, labels, n_bins=4) == pytest.approx(0.525, abs=1e-12)
+
+
+def test_ece_perfectly_calibrated_is_zero():
+    probs = np.array([[0.8, 0.2]] * 5 + [[0.4, 0.6]] * 5)
+    labels = np.array([0, 0, 0, 0, 1] + [1, 1, 1, 0, 0])  # 80% and 60% right
+    assert expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(0, abs=1e-12)
+    # flipped labels: 20% right at 0.8 and 40% right at 0.6
+    assert expected_calibration_error(probs, 1 - labels, n_bins=10) == pytest.approx(0.5 * 0.6 + 0.5 * 0.2)
+
+
+def test_ece_matches_loop_reference_and_averages_samples():
+    p = dirichlet_samples()
+    labels = np.random.default_rng(1).integers(0, 4, size=50)
+    for n_bins in (1, 7, 15):
+        want = reference_ece(p.mean(0), labels, n_bins)
+        got = expected_calibration_error(p, labels, n_bins=n_bins)
+        assert isinstance(got, float)
+        assert got == pytest.approx(want, abs=1e-12)
+        assert got == pytest.approx(expected_calibration_error(p.mean(0), labels, n_bins=n_bins), abs=1e-12)
+    got32 = expected_calibration_error(torch.tensor(p, dtype=torch.float32), torch.tensor(labels))
+    assert got32 == pytest.approx(reference_ece(p.mean(0), labels, 15), abs=1e-5)
+
+
+def test_regression_uncertainty_hand_computed():
+    mean = np.array([[1.0, 2.0], [3.0, 2.0]])  # (T=2, N=2)
+    var = np.array([[0.5, 1.0], [1.5, 3.0]])
+    aleatoric, epistemic = regression_uncertainty(mean, var)
+    np.testing.assert_allclose(aleatoric, [1.0, 2.0])
+    np.testing.assert_allclose(epistemic, [1.0, 0.0])  # divisor T: ((1-2)² + (3-2)²) / 2
+    aleatoric_t, epistemic_t = regression_uncertainty(torch.tensor(mean), torch.tensor(var))
+    assert isinstance(aleatoric_t, torch.Tensor) and aleatoric_t.dtype == torch.float64
+    torch.testing.assert_close(aleatoric_t, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(epistemic_t, torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def test_regression_uncertainty_shapes():
+    rng = np.random.default_rng(0)
+    mean, var = rng.normal(size=(6, 4, 3, 2)), rng.uniform(size=(6, 4, 3, 2))
+    aleatoric, epistemic = regression_uncertainty(mean, var)
+    assert aleatoric.shape == epistemic.shape == (4, 3, 2)
+    np.testing.assert_allclose(epistemic, mean.var(0), rtol=1e-12)
+    np.testing.assert_allclose(aleatoric, var.mean(0), rtol=1e-12)
+    single = regression_uncertainty(torch.ones(1, 4, dtype=torch.float32), torch.ones(1, 4))
+    assert single[1].dtype == torch.float32 and (single[1] == 0).all()
+
+
+@pytest.mark.parametrize("fn", [uncertainty, confidence_score, predictive_entropy, mutual_information])
+def test_bad_p(fn):
+    with pytest.raises(TypeError, match="p must be a numpy array or torch tensor, got list"):
+        fn([[[0.5, 0.5]]])
+    with pytest.raises(ValueError, match=r"p must have shape \(T, N, C\) .*got shape \(5, 10\)"):
+        fn(np.full((5, 10), 0.1))
+    with pytest.raises(ValueError, match=r"p must have shape .*C >= 2.*got shape \(5, 10, 1\)"):
+        fn(np.ones((5, 10, 1)))
+    with pytest.raises(ValueError, match=r"p must have shape .*got shape \(0, 10, 2\)"):
+        fn(torch.ones(0, 10, 2))
+    with pytest.raises(TypeError, match="p must hold floating-point probabilities, got dtype torch.int64"):
+        fn(np.ones((2, 3, 2), dtype=np.int64))
+
+
+def test_bad_ece_arguments():
+    probs, labels = np.full((4, 2), 0.5), np.zeros(4, dtype=np.int64)
+    with pytest.raises(ValueError, match="n_bins must be a positive int, got 0"):
+        expected_calibration_error(probs, labels, n_bins=0)
+    with pytest.raises(TypeError, match="n_bins must be a positive int"):
+        expected_calibration_error(probs, labels, n_bins=2.5)
+    with pytest.raises(ValueError, match=r"labels must have shape \(N,\) = \(4,\).*got \(3,\)"):
+        expected_calibration_error(probs, labels[:3])
+    with pytest.raises(TypeError, match="labels must hold integer class indices"):
+        expected_calibration_error(probs, labels.astype(float))
+    with pytest.raises(TypeError, match="labels must be a numpy array or torch tensor"):
+        expected_calibration_error(probs, [0, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 2\), got values in \[0, 2\]"):
+        expected_calibration_error(probs, np.array([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"probs must have shape \(N, C\) .* or \(T, N, C\)"):
+        expected_calibration_error(np.full(4, 0.5), labels)
+
+
+def test_bad_regression_arguments():
+    with pytest.raises(ValueError, match=r"var must have the shape of mean \(3, 4\), got \(3, 5\)"):
+        regression_uncertainty(np.zeros((3, 4)), np.ones((3, 5)))
+    with pytest.raises(ValueError, match=r"mean must have shape \(T, N, \.\.\.\)"):
+        regression_uncertainty(np.zeros(3), np.ones(3))
+    with pytest.raises(TypeError, match="mean and var must both be numpy arrays or both torch tensors"):
+        regression_uncertainty(np.zeros((3, 4)), torch.ones(3, 4))
+    with pytest.raises(TypeError, match="var must be a numpy array or torch tensor"):
+        regression_uncertainty(np.zeros((3, 4)), 1.0)
+    with pytest.raises(TypeError, match="mean must be floating point"):
+        regression_uncertainty(np.zeros((3, 4), dtype=np.int32), np.ones((3, 4)))

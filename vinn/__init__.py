@@ -1,0 +1,53 @@
+"""vinn: Bayesian neural networks trained by variational inference, as drop-in torch.nn layers."""
+
+from .elbo import ELBO
+from .layers import (
+    MIN_SCALE,
+    BayesianLayer,
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    ConvTranspose1d,
+    ConvTranspose2d,
+    ConvTranspose3d,
+    Linear,
+    RelativeScale,
+)
+from .module import Module, kl
+from .predict import predict, sample
+from .sampling import deterministic
+from .uncertainty import (
+    confidence_score,
+    expected_calibration_error,
+    mutual_information,
+    predictive_entropy,
+    regression_uncertainty,
+    uncertainty,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BayesianLayer",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "ELBO",
+    "Linear",
+    "MIN_SCALE",
+    "Module",
+    "RelativeScale",
+    "confidence_score",
+    "deterministic",
+    "expected_calibration_error",
+    "kl",
+    "mutual_information",
+    "predict",
+    "predictive_entropy",
+    "regression_uncertainty",
+    "sample",
+    "uncertainty",
+]

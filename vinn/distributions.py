@@ -1,0 +1,136 @@
+"""Posterior families, priors kept as tensors of a module, and KL(q || p) summed over elements."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, Normal, kl_divergence
+from torch.distributions.transforms import Transform
+
+PosteriorFamily = Callable[..., Distribution]
+
+
+def check_posterior(posterior: object) -> None:
+    """Raise TypeError unless ``posterior(loc=..., scale=...)`` builds a reparameterizable distribution.
+
+    Accepted: a ``torch.distributions`` class with ``loc`` and ``scale`` (Normal, Laplace, Cauchy,
+    Gumbel, ...) or a ``functools.partial`` of one that fixes its other arguments
+    (``partial(StudentT, 3.0)``).
+    """
+    hint = (
+        "posterior must be a torch.distributions class built from loc= and scale= (Normal, Laplace, "
+        "Cauchy, Gumbel, functools.partial(StudentT, df), ...)"
+    )
+    if isinstance(posterior, Distribution):
+        raise TypeError(f"{hint}; got the instance {posterior!r}: pass the class, e.g. posterior=Normal")
+    try:
+        sample = posterior(loc=torch.zeros(2), scale=torch.ones(2), validate_args=False)
+    except Exception as error:  # any failure to build means the argument is not such a class
+        raise TypeError(f"{hint}; calling {posterior!r} with loc and scale failed: {error}") from None
+    if not isinstance(sample, Distribution) or sample.batch_shape != (2,) or sample.event_shape != ():
+        raise TypeError(f"{hint}; {posterior!r}(loc, scale) did not give an elementwise distribution")
+    if not sample.has_rsample:
+        raise TypeError(f"{hint}; {type(sample).__name__} has no reparameterized sampler (rsample)")
+
+
+def is_normal(posterior: PosteriorFamily) -> bool:
+    """Whether the family is exactly Normal: the case where local reparameterization is exact."""
+    while isinstance(posterior, functools.partial):
+        posterior = posterior.func
+    return posterior is Normal
+
+
+def family_name(posterior: PosteriorFamily) -> str:
+    """A readable name for a posterior family: ``Normal``, ``partial(StudentT, 3.0)``."""
+    if isinstance(posterior, functools.partial):
+        args = [repr(a) for a in posterior.args] + [f"{k}={v!r}" for k, v in posterior.keywords.items()]
+        return f"partial({family_name(posterior.func)}, {', '.join(args)})"
+    return getattr(posterior, "__name__", repr(posterior))
+
+
+# A prior is kept as (template, tensors): the distribution object with its tensors taken out, and
+# those tensors by dotted path. The tensors become buffers of the layer, so `state_dict`, `.to()`
+# and `load_state_dict` treat them like any other module state, whatever the distribution.
+
+
+def _children(obj: object) -> dict[str, object]:
+    return vars(obj) if isinstance(obj, (Distribution, Transform)) else {}
+
+
+def tensor_leaves(obj: object, prefix: str = "") -> dict[str, Tensor]:
+    """Every tensor inside a distribution (nested distributions and transforms included), by path."""
+    leaves: dict[str, Tensor] = {}
+    for name, value in _children(obj).items():
+        if isinstance(value, Tensor):
+            leaves[prefix + name] = value
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                leaves.update(tensor_leaves(item, f"{prefix}{name}.{i}."))
+        else:
+            leaves.update(tensor_leaves(value, f"{prefix}{name}."))
+    return leaves
+
+
+def with_leaves(obj: object, leaves: Mapping[str, Tensor | None], prefix: str = "") -> object:
+    """A shallow copy of ``obj`` whose tensors are replaced by ``leaves`` (the inverse of tensor_leaves)."""
+    children = _children(obj)
+    if not children:
+        return obj
+    new = copy.copy(obj)
+    for name, value in children.items():
+        if prefix + name in leaves:
+            new.__dict__[name] = leaves[prefix + name]
+        elif isinstance(value, (list, tuple)):
+            items = [with_leaves(item, leaves, f"{prefix}{name}.{i}.") for i, item in enumerate(value)]
+            new.__dict__[name] = type(value)(items)
+        else:
+            new.__dict__[name] = with_leaves(value, leaves, f"{prefix}{name}.")
+    return new
+
+
+def check_prior(prior: object, shape: torch.Size, argument: str = "prior") -> None:
+    """Raise unless ``prior`` is a scalar-event distribution whose batch shape broadcasts to ``shape``."""
+    if not isinstance(prior, Distribution):
+        raise TypeError(
+            f"{argument} must be a torch.distributions.Distribution instance such as Normal(0., 1.), "
+            f"got {type(prior).__name__}"
+        )
+    if prior.event_shape != ():
+        raise ValueError(
+            f"{argument} must be elementwise (event_shape ()), got event_shape {tuple(prior.event_shape)}"
+        )
+    try:
+        fits = torch.broadcast_shapes(prior.batch_shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{argument} has batch shape {tuple(prior.batch_shape)}, which does not broadcast to the "
+            f"parameter shape {tuple(shape)}: use a scalar prior or one of exactly that shape"
+        )
+
+
+# (posterior type, prior type) pairs that kl_divergence has no rule for: remembered so the Monte
+# Carlo fallback does not pay for a raised NotImplementedError on every call.
+_NO_CLOSED_FORM: set[tuple[type, type]] = set()
+
+
+def kl_sum(posterior: Distribution, prior: Distribution) -> Tensor:
+    """KL(posterior || prior) summed over all elements, a 0-dim tensor.
+
+    Closed form when ``torch.distributions.kl_divergence`` has a rule for the pair, otherwise an
+    unbiased one-sample Monte Carlo estimate ``log q(w) - log p(w)`` with ``w ~ q`` reparameterized,
+    so gradients reach the posterior's loc and scale either way.
+    """
+    pair = (type(posterior), type(prior))
+    if pair not in _NO_CLOSED_FORM:
+        try:
+            return kl_divergence(posterior, prior).sum()
+        except NotImplementedError:
+            _NO_CLOSED_FORM.add(pair)
+    w = posterior.rsample()
+    return (posterior.log_prob(w) - prior.log_prob(w)).sum()

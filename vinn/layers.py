@@ -1,0 +1,411 @@
+"""Bayesian drop-in replacements for torch.nn.Linear, ConvNd and ConvTransposeNd.
+
+Each vinn layer *is* its torch.nn counterpart (``isinstance(vinn.Conv2d(...), nn.Conv2d)``), built
+by the same constructor, whose ``weight`` and ``bias`` parameters hold the posterior **loc**. The
+one base class `BayesianLayer` adds an unconstrained scale parameter per element (``weight_rho``,
+``bias_rho``; scale = softplus(rho) + MIN_SCALE), the prior (as buffers), sampling and the KL.
+The concrete layers only say which functional op they compute.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from numbers import Real
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, Normal
+
+from .distributions import (
+    PosteriorFamily,
+    check_posterior,
+    check_prior,
+    family_name,
+    is_normal,
+    kl_sum,
+    tensor_leaves,
+    with_leaves,
+)
+from .sampling import sampling_enabled
+
+# The posterior scale never goes below this, so log-scales, KL and the LRT standard deviation stay
+# finite however far training pushes rho; it is far below any scale a trained layer uses.
+MIN_SCALE = 1e-8
+
+# Default initial posterior scale of a freshly built layer: small against torch's default loc
+# initialisation (uniform with bound 1/sqrt(fan_in)), so a new network starts near a
+# deterministic one and the KL term grows the scale where the data allow.
+DEFAULT_INIT_SCALE = 1e-2
+
+InitScale = float | Callable[[Tensor], Tensor]
+PARAMETERS = ("weight", "bias")
+
+
+def _default_prior() -> Distribution:
+    return Normal(0.0, 1.0)
+
+
+def _inverse_softplus(y: Tensor) -> Tensor:
+    # log(exp(y) - 1), written so that it neither overflows for large y nor loses precision for small y.
+    return y + torch.log(-torch.expm1(-y))
+
+
+class BayesianLayer(nn.Module):
+    """Base of every vinn layer: posterior, prior, sampling and KL for ``weight`` and ``bias``.
+
+    Subclasses inherit a torch.nn layer as their second base and implement `_op`, the
+    deterministic computation ``op(input, weight, bias)``, which must be linear in ``input`` and in
+    ``weight``: the local reparameterization trick relies on it.
+    """
+
+    _torch_cls: ClassVar[type[nn.Module]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        torch_bases = [b for b in cls.__mro__ if b.__module__.startswith("torch.nn") and b is not nn.Module]
+        if torch_bases:
+            cls._torch_cls = torch_bases[0]
+            signature = inspect.signature(cls._torch_cls.__init__)
+            params = [p for p in signature.parameters.values()]
+            extra = [
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                for name, default in (("posterior", Normal), ("prior", _default_prior()), ("init_scale", DEFAULT_INIT_SCALE))
+            ]
+            positional = [p for p in params if p.name not in ("device", "dtype")]
+            factory = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params if p.name in ("device", "dtype")]
+            cls.__signature__ = signature.replace(parameters=positional + extra + factory)
+
+    def __init__(
+        self,
+        *args: Any,
+        posterior: PosteriorFamily = Normal,
+        prior: Distribution | Mapping[str, Distribution] | None = None,
+        init_scale: InitScale = DEFAULT_INIT_SCALE,
+        **kwargs: Any,
+    ) -> None:
+        self._torch_cls.__init__(self, *args, **kwargs)
+        check_posterior(posterior)
+        _check_init_scale(init_scale)
+        self.posterior = posterior
+        self.init_scale = init_scale
+        for name in PARAMETERS:
+            loc = getattr(self, name)
+            rho = None if loc is None else nn.Parameter(torch.empty_like(loc))
+            self.register_parameter(f"{name}_rho", rho)
+        self._prior_templates: dict[str, tuple[Distribution, list[str]]] = {}
+        for name, distribution in _split_prior(prior, self.weight.shape, self._bias_shape).items():
+            self._register_prior(name, distribution)
+        self.reset_scale()
+
+    @property
+    def _bias_shape(self) -> torch.Size | None:
+        return None if self.bias is None else self.bias.shape
+
+    def _register_prior(self, name: str, prior: Distribution) -> None:
+        loc = getattr(self, name)
+        leaves = tensor_leaves(prior)
+        # the distribution without its tensors (they live in buffers), and where they go back
+        self._prior_templates[name] = (with_leaves(prior, dict.fromkeys(leaves)), list(leaves))
+        for path, tensor in leaves.items():
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype=loc.dtype)
+            # clone: the buffer must never alias the caller's tensor (load_state_dict writes in place)
+            self.register_buffer(self._prior_buffer(name, path), tensor.detach().to(loc.device).clone())
+
+    @staticmethod
+    def _prior_buffer(name: str, path: str) -> str:
+        return f"{name}_prior_{path.replace('.', '_')}"
+
+    def _prior(self, name: str) -> Distribution | None:
+        if name not in self._prior_templates:
+            return None
+        template, paths = self._prior_templates[name]
+        return with_leaves(template, {path: getattr(self, self._prior_buffer(name, path)) for path in paths})
+
+    # -- initialisation -------------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """Re-initialise loc as torch.nn does, then the posterior scale from ``init_scale``."""
+        super().reset_parameters()  # the torch.nn layer's loc initialisation
+        if "weight_rho" in self._parameters:  # torch.nn's __init__ calls this before rho exists
+            self.reset_scale()
+
+    @torch.no_grad()
+    def reset_scale(self, init_scale: InitScale | None = None) -> None:
+        """Set the posterior scale of every element from ``init_scale`` (default: the layer's own).
+
+        ``init_scale`` is a positive float (the same scale everywhere) or a callable mapping a loc
+        tensor to a positive scale tensor of its shape, such as `vinn.RelativeScale`.
+        """
+        if init_scale is not None:
+            _check_init_scale(init_scale)
+            self.init_scale = init_scale
+        for name in PARAMETERS:
+            loc, rho = getattr(self, name), getattr(self, f"{name}_rho")
+            if loc is None:
+                continue
+            if callable(self.init_scale):
+                scale = torch.as_tensor(self.init_scale(loc.detach()), dtype=loc.dtype, device=loc.device)
+            else:
+                scale = torch.full_like(loc, float(self.init_scale))
+            if scale.shape != loc.shape and torch.broadcast_shapes(scale.shape, loc.shape) != loc.shape:
+                raise ValueError(f"init_scale gave shape {tuple(scale.shape)} for {name} of shape {tuple(loc.shape)}")
+            if not bool((scale > MIN_SCALE).all()) or not bool(scale.isfinite().all()):
+                raise ValueError(f"init_scale must give finite scales above {MIN_SCALE}, got min {scale.min().item()}")
+            rho.copy_(_inverse_softplus(scale - MIN_SCALE).expand_as(loc))
+
+    # -- the posterior and the prior as distributions ---------------------------------------------
+
+    def _scale(self, name: str) -> Tensor | None:
+        rho = getattr(self, f"{name}_rho")
+        return None if rho is None else F.softplus(rho) + MIN_SCALE
+
+    @property
+    def weight_scale(self) -> Tensor:
+        """Posterior scale of the weight, same shape as ``weight``."""
+        return self._scale("weight")
+
+    @property
+    def bias_scale(self) -> Tensor | None:
+        """Posterior scale of the bias, or None without bias."""
+        return self._scale("bias")
+
+    def _posterior(self, name: str) -> Distribution | None:
+        loc = getattr(self, name)
+        if loc is None:
+            return None
+        return self.posterior(loc=loc, scale=self._scale(name), validate_args=False)
+
+    @property
+    def weight_posterior(self) -> Distribution:
+        """q(weight): the posterior family with batch shape ``weight.shape``, differentiable in its parameters."""
+        return self._posterior("weight")
+
+    @property
+    def bias_posterior(self) -> Distribution | None:
+        """q(bias), or None without bias."""
+        return self._posterior("bias")
+
+    @property
+    def weight_prior(self) -> Distribution:
+        """p(weight), built from the prior buffers (so it follows ``.to()`` and ``load_state_dict``)."""
+        return self._prior("weight")
+
+    @property
+    def bias_prior(self) -> Distribution | None:
+        """p(bias), or None without bias."""
+        return self._prior("bias")
+
+    @property
+    def kl(self) -> Tensor:
+        """KL(q || p) summed over every weight and bias element: a differentiable 0-dim tensor (nats)."""
+        total = kl_sum(self.weight_posterior, self.weight_prior)
+        if self.bias is not None:
+            total = total + kl_sum(self.bias_posterior, self.bias_prior)
+        return total
+
+    @property
+    def per_example_noise(self) -> bool:
+        """Whether one forward pass draws independent noise for every example of the batch."""
+        return is_normal(self.posterior)
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None, *args: Any, **kwargs: Any) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """One sample of the layer's output; the posterior loc inside `vinn.deterministic()`.
+
+        Normal posterior: local reparameterization. The output is Normal with mean
+        ``op(x, loc_w, loc_b)`` and variance ``op(x², scale_w², scale_b²)``, with fresh noise for
+        every output element, hence independent across the examples of a batch. Other posteriors:
+        one reparameterized draw of weight and bias per call.
+        """
+        if not sampling_enabled():
+            return self._op(input, self.weight, self.bias, *args, **kwargs)
+        if self.per_example_noise:
+            mean = self._op(input, self.weight, self.bias, *args, **kwargs)
+            bias_scale = self.bias_scale
+            var = self._op(
+                input.square(),
+                self.weight_scale.square(),
+                None if bias_scale is None else bias_scale.square(),
+                *args,
+                **kwargs,
+            )
+            # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
+            std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+            return mean + std * torch.randn_like(mean)
+        bias_posterior = self.bias_posterior
+        bias = None if bias_posterior is None else bias_posterior.rsample()
+        return self._op(input, self.weight_posterior.rsample(), bias, *args, **kwargs)
+
+    # -- conversion from and to torch.nn ---------------------------------------------------------
+
+    @classmethod
+    def _config(cls, module: nn.Module) -> dict[str, Any]:
+        """The constructor arguments that rebuild ``module``'s configuration (torch.nn names)."""
+        names = [n for n in inspect.signature(cls._torch_cls.__init__).parameters if n not in ("self", "device", "dtype")]
+        config = {name: getattr(module, name) for name in names if name != "bias"}
+        config.update(bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
+        return config
+
+    @classmethod
+    def from_torch(
+        cls,
+        module: nn.Module,
+        *,
+        posterior: PosteriorFamily = Normal,
+        prior: Distribution | Mapping[str, Distribution] | None = None,
+        init_scale: InitScale = DEFAULT_INIT_SCALE,
+    ) -> BayesianLayer:
+        """The Bayesian layer with ``module``'s configuration whose posterior loc is ``module``'s weights.
+
+        ``module`` must be exactly ``cls``'s torch.nn counterpart (a subclass may compute something
+        else in its forward). Every constructor attribute is kept; ``module`` is not modified.
+        """
+        if type(module) is not cls._torch_cls:
+            raise TypeError(f"{cls.__name__}.from_torch takes a {cls._torch_cls.__name__}, got {type(module).__name__}")
+        layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale)
+        with torch.no_grad():
+            for name in PARAMETERS:
+                if getattr(module, name) is not None:
+                    getattr(layer, name).copy_(getattr(module, name))
+        layer.reset_scale()  # a relative init_scale depends on the loc just copied
+        return layer.train(module.training)
+
+    def to_torch(self) -> nn.Module:
+        """The torch.nn counterpart with this layer's configuration, holding the posterior loc."""
+        module = self._torch_cls(**self._config(self))
+        with torch.no_grad():
+            for name in PARAMETERS:
+                if getattr(self, name) is not None:
+                    getattr(module, name).copy_(getattr(self, name))
+        return module.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, posterior={family_name(self.posterior)}, prior={self.weight_prior}"
+
+
+def _check_init_scale(init_scale: object) -> None:
+    if callable(init_scale):
+        return
+    if isinstance(init_scale, bool) or not isinstance(init_scale, Real) or not (MIN_SCALE < init_scale < math.inf):
+        raise ValueError(
+            f"init_scale must be a finite float above {MIN_SCALE} or a callable loc -> scale tensor, got {init_scale!r}"
+        )
+
+
+def _split_prior(
+    prior: Distribution | Mapping[str, Distribution] | None, weight_shape: torch.Size, bias_shape: torch.Size | None
+) -> dict[str, Distribution]:
+    """One prior per parameter. A mapping gives them by name (a missing one is Normal(0, 1)); a
+    single scalar distribution serves weight and bias alike, and an elementwise one is the weight's
+    alone, leaving the bias with Normal(0, 1)."""
+    shapes = {"weight": weight_shape, "bias": bias_shape}
+    if isinstance(prior, Mapping):
+        unknown = set(prior) - set(PARAMETERS)
+        if unknown:
+            raise ValueError(f"prior mapping keys must be 'weight' and/or 'bias', got {sorted(unknown)}")
+        priors = {name: prior.get(name, _default_prior()) for name in PARAMETERS}
+    else:
+        prior = _default_prior() if prior is None else prior
+        check_prior(prior, weight_shape)
+        priors = {"weight": prior, "bias": prior}
+        if prior.batch_shape != ():
+            priors["bias"] = _default_prior()
+    result = {}
+    for name, distribution in priors.items():
+        if shapes[name] is not None:
+            check_prior(distribution, shapes[name], f"prior for {name}")
+            result[name] = distribution
+    return result
+
+
+class Linear(BayesianLayer, nn.Linear):
+    """Bayesian `torch.nn.Linear`: y = x Wᵀ + b with W, b drawn from the posterior.
+
+    Input (*, in_features), output (*, out_features). Arguments as torch.nn.Linear, plus
+    ``posterior`` (a distribution class with loc and scale), ``prior`` (a distribution instance,
+    or a mapping ``{"weight": ..., "bias": ...}``) and ``init_scale`` (initial posterior scale).
+    """
+
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(input, weight, bias)
+
+
+class _ConvNd(BayesianLayer):
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        # torch's own helper, so padding modes ("reflect", "circular", ...) and string padding behave
+        # exactly as in torch.nn; padding x and then squaring equals padding x², so LRT stays exact.
+        return self._conv_forward(input, weight, bias)
+
+
+class Conv1d(_ConvNd, nn.Conv1d):
+    """Bayesian `torch.nn.Conv1d`; arguments as torch.nn.Conv1d plus ``posterior``, ``prior``, ``init_scale``."""
+
+
+class Conv2d(_ConvNd, nn.Conv2d):
+    """Bayesian `torch.nn.Conv2d`; arguments as torch.nn.Conv2d plus ``posterior``, ``prior``, ``init_scale``."""
+
+
+class Conv3d(_ConvNd, nn.Conv3d):
+    """Bayesian `torch.nn.Conv3d`; arguments as torch.nn.Conv3d plus ``posterior``, ``prior``, ``init_scale``."""
+
+
+class _ConvTransposeNd(BayesianLayer):
+    _functional: ClassVar[Callable[..., Tensor]]
+    _spatial_dims: ClassVar[int]
+
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None, output_size: list[int] | None = None) -> Tensor:
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims, self.dilation
+        )
+        return type(self)._functional(
+            input, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation
+        )
+
+
+class ConvTranspose1d(_ConvTransposeNd, nn.ConvTranspose1d):
+    """Bayesian `torch.nn.ConvTranspose1d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
+
+    _functional = F.conv_transpose1d
+    _spatial_dims = 1
+
+
+class ConvTranspose2d(_ConvTransposeNd, nn.ConvTranspose2d):
+    """Bayesian `torch.nn.ConvTranspose2d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
+
+    _functional = F.conv_transpose2d
+    _spatial_dims = 2
+
+
+class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
+    """Bayesian `torch.nn.ConvTranspose3d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
+
+    _functional = F.conv_transpose3d
+    _spatial_dims = 3
+
+
+class RelativeScale:
+    """Initial posterior scale proportional to the loc's magnitude, ``max(factor * |loc|, floor)``.
+
+    The MOPED recipe (Krishnan et al. 2020) for starting from pretrained weights; the floor gives
+    near-zero weights a positive scale. Picklable, unlike a lambda, so layers using it save whole.
+    """
+
+    def __init__(self, factor: float = 0.1, floor: float = 1e-4) -> None:
+        if not factor > 0 or not floor > MIN_SCALE:
+            raise ValueError(f"RelativeScale needs factor > 0 and floor > {MIN_SCALE}, got {factor}, {floor}")
+        self.factor, self.floor = factor, floor
+
+    def __call__(self, loc: Tensor) -> Tensor:
+        return (self.factor * loc.abs()).clamp_min(self.floor)
+
+    def __repr__(self) -> str:
+        return f"RelativeScale(factor={self.factor}, floor={self.floor})"
