@@ -70,7 +70,7 @@ class BayesianLayer(nn.Module):
         if torch_bases:
             cls._torch_cls = torch_bases[0]
             signature = inspect.signature(cls._torch_cls.__init__)
-            params = [p for p in signature.parameters.values()]
+            params = [p for p in signature.parameters.values() if p.name != "self"]
             extra = [
                 inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
                 for name, default in (("posterior", Normal), ("prior", _default_prior()), ("init_scale", DEFAULT_INIT_SCALE))

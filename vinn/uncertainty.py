@@ -151,7 +151,7 @@ def expected_calibration_error(probs: Array, labels: Array, n_bins: int = 15) ->
     if y.min() < 0 or y.max() >= c:
         low, high = y.min().item(), y.max().item()
         raise ValueError(f"labels must be class indices in [0, {c}), got values in [{low}, {high}]")
-    confidence, predicted = t.max(1)
+    confidence, predicted = t.detach().max(1)  # a metric returned as a float: no graph to keep
     # sums of up to N confidences: float64 keeps them exact enough (MPS has no float64)
     dtype = torch.float32 if t.device.type == "mps" else torch.float64
     confidence = confidence.to(dtype)

@@ -1,0 +1,84 @@
+"""KL(q || p): closed form where torch knows the pair, an unbiased Monte Carlo estimate otherwise."""
+
+import math
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Categorical, Cauchy, Laplace, MixtureSameFamily, Normal, StudentT, kl_divergence
+
+import vinn
+
+
+def scale_mixture(pi=0.25, sigma1=1.0, sigma2=math.exp(-6)):
+    """Blundell et al.'s scale-mixture prior as a MixtureSameFamily."""
+    return MixtureSameFamily(Categorical(torch.tensor([pi, 1 - pi])), Normal(torch.zeros(2), torch.tensor([sigma1, sigma2])))
+
+
+@pytest.mark.parametrize(
+    "posterior, prior",
+    [
+        (Normal, Normal(0.0, 1.0)),
+        (Normal, Normal(0.3, 2.0)),
+        (Normal, Laplace(0.0, 0.5)),
+        (Laplace, Laplace(0.0, 1.0)),
+        (Laplace, Normal(0.0, 1.0)),
+        (Cauchy, Cauchy(0.0, 1.0)),
+    ],
+)
+def test_closed_form_equals_kl_divergence_sum(posterior, prior):
+    torch.manual_seed(0)
+    layer = vinn.Conv2d(2, 3, 3, posterior=posterior, prior=prior, init_scale=0.1)
+    expected = kl_divergence(layer.weight_posterior, prior.expand(layer.weight.shape)).sum()
+    expected = expected + kl_divergence(layer.bias_posterior, prior.expand(layer.bias.shape)).sum()
+    torch.testing.assert_close(layer.kl, expected)
+    assert torch.equal(layer.kl, layer.kl), "a closed form is not random"
+
+
+def test_closed_form_is_a_sum_not_a_mean():
+    layer = vinn.Linear(10, 10, bias=False, init_scale=0.5)
+    with torch.no_grad():
+        layer.weight.zero_()
+    per_element = 0.5 * (0.25 - 1 - math.log(0.25))  # KL(N(0, 0.5²) || N(0, 1))
+    torch.testing.assert_close(layer.kl, torch.tensor(100 * per_element), rtol=1e-5, atol=1e-5)
+
+
+def test_elementwise_prior_kl():
+    prior_loc = torch.randn(3, 4)
+    layer = vinn.Linear(4, 3, bias=False, prior=Normal(prior_loc, 0.1))
+    torch.testing.assert_close(layer.kl, kl_divergence(layer.weight_posterior, Normal(prior_loc, 0.1)).sum())
+
+
+def gauss_hermite_kl(loc, scale, prior, points=200):
+    """E_q[log q - log p] per element by Gauss-Hermite quadrature, in float64: the reference."""
+    x, w = np.polynomial.hermite_e.hermegauss(points)
+    x, w = torch.tensor(x), torch.tensor(w) / math.sqrt(2 * math.pi)
+    z = loc.double()[..., None] + scale.double()[..., None] * x
+    q = Normal(loc.double()[..., None], scale.double()[..., None])
+    integrand = q.log_prob(z) - prior.log_prob(z.float()).double()
+    return (integrand * w).sum(-1)
+
+
+def test_monte_carlo_kl_is_unbiased_for_a_scale_mixture_prior():
+    torch.manual_seed(0)
+    prior = scale_mixture()
+    layer = vinn.Linear(3, 2, prior=prior, init_scale=0.05)
+    reference = float(gauss_hermite_kl(layer.weight, layer.weight_scale, prior).sum() + gauss_hermite_kl(layer.bias, layer.bias_scale, prior).sum())
+    with torch.no_grad():
+        estimates = torch.stack([layer.kl for _ in range(4000)]).double()
+    standard_error = float(estimates.std() / math.sqrt(len(estimates)))
+    assert standard_error > 0, "a Monte Carlo estimate varies"
+    assert abs(float(estimates.mean()) - reference) < 5 * standard_error
+    # and the tolerance is tight enough to see a wrong answer: a mean instead of a sum is far off
+    assert abs(reference / 8 - reference) > 50 * standard_error
+
+
+@pytest.mark.parametrize("prior", [Normal(0.0, 1.0), scale_mixture()])
+@pytest.mark.parametrize("posterior", [Normal, partial(StudentT, 5.0)])
+def test_kl_gradients_reach_loc_and_scale(posterior, prior):
+    layer = vinn.Conv1d(2, 2, 3, posterior=posterior, prior=prior)
+    layer.kl.backward()
+    for name in ("weight", "weight_rho", "bias", "bias_rho"):
+        grad = getattr(layer, name).grad
+        assert grad is not None and grad.isfinite().all() and grad.abs().sum() > 0, name
