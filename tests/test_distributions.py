@@ -79,6 +79,6 @@ def test_monte_carlo_kl_is_unbiased_for_a_scale_mixture_prior():
 def test_kl_gradients_reach_loc_and_scale(posterior, prior):
     layer = vinn.Conv1d(2, 2, 3, posterior=posterior, prior=prior)
     layer.kl.backward()
-    for name in ("weight", "weight_rho", "bias", "bias_rho"):
+    for name in ("weight", "weight_log_sigma2", "bias", "bias_log_sigma2"):
         grad = getattr(layer, name).grad
         assert grad is not None and grad.isfinite().all() and grad.abs().sum() > 0, name

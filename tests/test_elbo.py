@@ -23,7 +23,7 @@ def test_beta(setup):
     expected = nn.functional.cross_entropy(outputs, y, reduction="sum") + 0.1 * model.kl
     torch.testing.assert_close(loss, expected)
     loss.backward()
-    assert model.weight_rho.grad is not None
+    assert model.weight_log_sigma2.grad is not None
 
 
 def test_dataset_size_sum_and_mean_are_the_same_elbo(setup):

@@ -107,7 +107,7 @@ def test_tuple_and_unbatched_arguments():
 
 def test_factory_kwargs_and_dtype():
     layer = vinn.Linear(3, 2, dtype=torch.float64, device="cpu")
-    assert layer.weight.dtype == layer.weight_rho.dtype == layer.weight_prior_loc.dtype == torch.float64
+    assert layer.weight.dtype == layer.weight_log_sigma2.dtype == layer.weight_prior_loc.dtype == torch.float64
     assert layer(torch.randn(4, 3, dtype=torch.float64)).dtype == torch.float64
     assert layer.kl.dtype == torch.float64
 
@@ -140,7 +140,7 @@ def test_linear_lrt_moments_and_independence():
     torch.manual_seed(1)
     layer = vinn.Linear(4, 3, init_scale=0.3)
     with torch.no_grad():
-        layer.bias_rho.fill_(-1.0)  # a bias scale different from the weights' shows a missing term
+        layer.bias_log_sigma2.fill_(-1.0)  # a bias scale different from the weights' shows a missing term
     x = torch.randn(2, 4)
     draws = layer(x.repeat(SAMPLES, 1)).detach().reshape(SAMPLES, 2, 3)
     w_scale, b_scale = layer.weight_scale.detach(), layer.bias_scale.detach()
@@ -186,23 +186,24 @@ def test_non_normal_posterior_samples_weights():
 def test_gradients_reach_loc_and_scale():
     layer = vinn.Conv2d(2, 3, 3, padding="same")
     (layer(torch.randn(4, 2, 6, 6)).square().sum() + layer.kl).backward()
-    for name in ("weight", "bias", "weight_rho", "bias_rho"):
+    for name in ("weight", "bias", "weight_log_sigma2", "bias_log_sigma2"):
         grad = getattr(layer, name).grad
         assert grad is not None and grad.abs().sum() > 0 and grad.isfinite().all(), name
 
 
-def test_extreme_rho_stays_finite():
+def test_extreme_log_sigma2_stays_finite():
     layer = vinn.Linear(3, 2)
     with torch.no_grad():
-        layer.weight_rho[0].fill_(-1e4)
-        layer.weight_rho[1].fill_(80.0)
-    assert (layer.weight_scale > 0).all() and layer.weight_scale.isfinite().all()
+        layer.weight_log_sigma2[0].fill_(-1e4)
+        layer.weight_log_sigma2[1].fill_(1e4)
+    torch.testing.assert_close(layer.weight_scale[0], torch.full((3,), vinn.MIN_SCALE))
+    torch.testing.assert_close(layer.weight_scale[1], torch.full((3,), vinn.MAX_SCALE))
     x = torch.zeros(5, 3)  # zero input: variance exactly 0 without the bias, where sqrt' is infinite
     out = vinn.Linear(3, 2, bias=False)(x)
     out.sum().backward()
     loss = layer(torch.randn(5, 3)).sum() + layer.kl
     loss.backward()
-    assert loss.isfinite() and layer.weight_rho.grad.isfinite().all()
+    assert loss.isfinite() and layer.weight_log_sigma2.grad.isfinite().all()
 
 
 def test_deterministic_context_is_nestable_and_thread_local():
@@ -231,7 +232,7 @@ def test_posterior_distributions(family):
     layer = vinn.Conv1d(2, 3, 3, posterior=family)
     q = layer.weight_posterior
     assert q.batch_shape == layer.weight.shape and q.loc is layer.weight
-    torch.testing.assert_close(q.scale, F.softplus(layer.weight_rho) + vinn.MIN_SCALE)
+    torch.testing.assert_close(q.scale, (layer.weight_log_sigma2 / 2).exp())
     assert layer.bias_posterior.batch_shape == (3,)
     assert vinn.Conv1d(2, 3, 3, bias=False, posterior=family).bias_posterior is None
 

@@ -21,7 +21,7 @@ def test_module_kl_sums_each_layer_once():
     torch.testing.assert_close(net.kl, expected)
     torch.testing.assert_close(vinn.kl(nn.Sequential(net)), expected)
     net.kl.backward()
-    assert net.shared.weight_rho.grad is not None
+    assert net.shared.weight_log_sigma2.grad is not None
 
 
 def test_kl_of_a_layer_and_of_nothing():

@@ -2,6 +2,7 @@
 
 from .elbo import ELBO
 from .layers import (
+    MAX_SCALE,
     MIN_SCALE,
     BayesianLayer,
     Conv1d,
@@ -37,6 +38,7 @@ __all__ = [
     "ConvTranspose3d",
     "ELBO",
     "Linear",
+    "MAX_SCALE",
     "MIN_SCALE",
     "Module",
     "RelativeScale",

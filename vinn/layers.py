@@ -2,8 +2,9 @@
 
 Each vinn layer *is* its torch.nn counterpart (``isinstance(vinn.Conv2d(...), nn.Conv2d)``), built
 by the same constructor, whose ``weight`` and ``bias`` parameters hold the posterior **loc**. The
-one base class `BayesianLayer` adds an unconstrained scale parameter per element (``weight_rho``,
-``bias_rho``; scale = softplus(rho) + MIN_SCALE), the prior (as buffers), sampling and the KL.
+one base class `BayesianLayer` adds an unconstrained parameter per element for the posterior
+scale σ, ``weight_log_sigma2`` and ``bias_log_sigma2`` (log σ², bounded when used), the prior (as
+buffers), sampling and the KL.
 The concrete layers only say which functional op they compute.
 """
 
@@ -32,9 +33,10 @@ from .distributions import (
 )
 from .sampling import sampling_enabled
 
-# The posterior scale never goes below this, so log-scales, KL and the LRT standard deviation stay
-# finite however far training pushes rho; it is far below any scale a trained layer uses.
+# The posterior scale is kept within these bounds whatever value log σ² takes, so variances, KL
+# and gradients stay finite; no useful scale is anywhere near them.
 MIN_SCALE = 1e-8
+MAX_SCALE = 1e4
 
 # Default initial posterior scale of a freshly built layer: small against torch's default loc
 # initialisation (uniform with bound 1/sqrt(fan_in)), so a new network starts near a
@@ -49,9 +51,33 @@ def _default_prior() -> Distribution:
     return Normal(0.0, 1.0)
 
 
-def _inverse_softplus(y: Tensor) -> Tensor:
-    # log(exp(y) - 1), written so that it neither overflows for large y nor loses precision for small y.
-    return y + torch.log(-torch.expm1(-y))
+class _BoundedExp(torch.autograd.Function):
+    """σ² = exp(log σ²) with log σ² clamped to [2 log MIN_SCALE, 2 log MAX_SCALE].
+
+    The gradient is exp's, also past the bounds (straight through), so a parameter pushed beyond
+    them still feels the loss and can come back. One allocation each way: on CPU, memory traffic
+    over every parameter is what costs in this hot path.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(log_sigma2: Tensor) -> Tensor:
+        return log_sigma2.clamp(2 * math.log(MIN_SCALE), 2 * math.log(MAX_SCALE)).exp_()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (sigma2,) = ctx.saved_tensors
+        return grad * sigma2
+
+
+def sigma2(log_sigma2: Tensor) -> Tensor:
+    """The posterior variance σ² (squared scale) from its parameter log σ², bounded and differentiable."""
+    return _BoundedExp.apply(log_sigma2)
 
 
 class BayesianLayer(nn.Module):
@@ -94,8 +120,8 @@ class BayesianLayer(nn.Module):
         self.init_scale = init_scale
         for name in PARAMETERS:
             loc = getattr(self, name)
-            rho = None if loc is None else nn.Parameter(torch.empty_like(loc))
-            self.register_parameter(f"{name}_rho", rho)
+            log_sigma2 = None if loc is None else nn.Parameter(torch.empty_like(loc))
+            self.register_parameter(f"{name}_log_sigma2", log_sigma2)
         self._prior_templates: dict[str, tuple[Distribution, list[str]]] = {}
         for name, distribution in _split_prior(prior, self.weight.shape, self._bias_shape).items():
             self._register_prior(name, distribution)
@@ -131,7 +157,7 @@ class BayesianLayer(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise loc as torch.nn does, then the posterior scale from ``init_scale``."""
         super().reset_parameters()  # the torch.nn layer's loc initialisation
-        if "weight_rho" in self._parameters:  # torch.nn's __init__ calls this before rho exists
+        if "weight_log_sigma2" in self._parameters:  # torch.nn's __init__ calls this before it exists
             self.reset_scale()
 
     @torch.no_grad()
@@ -145,7 +171,7 @@ class BayesianLayer(nn.Module):
             _check_init_scale(init_scale)
             self.init_scale = init_scale
         for name in PARAMETERS:
-            loc, rho = getattr(self, name), getattr(self, f"{name}_rho")
+            loc, log_sigma2 = getattr(self, name), getattr(self, f"{name}_log_sigma2")
             if loc is None:
                 continue
             if callable(self.init_scale):
@@ -154,15 +180,21 @@ class BayesianLayer(nn.Module):
                 scale = torch.full_like(loc, float(self.init_scale))
             if scale.shape != loc.shape and torch.broadcast_shapes(scale.shape, loc.shape) != loc.shape:
                 raise ValueError(f"init_scale gave shape {tuple(scale.shape)} for {name} of shape {tuple(loc.shape)}")
-            if not bool((scale > MIN_SCALE).all()) or not bool(scale.isfinite().all()):
-                raise ValueError(f"init_scale must give finite scales above {MIN_SCALE}, got min {scale.min().item()}")
-            rho.copy_(_inverse_softplus(scale - MIN_SCALE).expand_as(loc))
+            if not bool(((scale > MIN_SCALE) & (scale < MAX_SCALE)).all()):
+                raise ValueError(
+                    f"init_scale must give scales in ({MIN_SCALE}, {MAX_SCALE}), got {scale.min().item()} to {scale.max().item()}"
+                )
+            log_sigma2.copy_((2 * scale.log()).expand_as(loc))
 
     # -- the posterior and the prior as distributions ---------------------------------------------
 
+    def _sigma2(self, name: str) -> Tensor | None:
+        log_sigma2 = getattr(self, f"{name}_log_sigma2")
+        return None if log_sigma2 is None else sigma2(log_sigma2)
+
     def _scale(self, name: str) -> Tensor | None:
-        rho = getattr(self, f"{name}_rho")
-        return None if rho is None else F.softplus(rho) + MIN_SCALE
+        variance = self._sigma2(name)
+        return None if variance is None else variance.sqrt()
 
     @property
     def weight_scale(self) -> Tensor:
@@ -230,14 +262,7 @@ class BayesianLayer(nn.Module):
             return self._op(input, self.weight, self.bias, *args, **kwargs)
         if self.per_example_noise:
             mean = self._op(input, self.weight, self.bias, *args, **kwargs)
-            bias_scale = self.bias_scale
-            var = self._op(
-                input.square(),
-                self.weight_scale.square(),
-                None if bias_scale is None else bias_scale.square(),
-                *args,
-                **kwargs,
-            )
+            var = self._op(input.square(), self._sigma2("weight"), self._sigma2("bias"), *args, **kwargs)
             # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
             std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
             return mean + std * torch.randn_like(mean)
@@ -295,9 +320,9 @@ class BayesianLayer(nn.Module):
 def _check_init_scale(init_scale: object) -> None:
     if callable(init_scale):
         return
-    if isinstance(init_scale, bool) or not isinstance(init_scale, Real) or not (MIN_SCALE < init_scale < math.inf):
+    if isinstance(init_scale, bool) or not isinstance(init_scale, Real) or not (MIN_SCALE < init_scale < MAX_SCALE):
         raise ValueError(
-            f"init_scale must be a finite float above {MIN_SCALE} or a callable loc -> scale tensor, got {init_scale!r}"
+            f"init_scale must be a float in ({MIN_SCALE}, {MAX_SCALE}) or a callable loc -> scale tensor, got {init_scale!r}"
         )
 
 
