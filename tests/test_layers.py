@@ -136,18 +136,27 @@ def assert_moments(draws: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -
     assert var_error.max() < Z, f"sample variance off by {var_error.max():.1f} standard errors"
 
 
-def test_linear_lrt_moments_and_independence():
+@pytest.mark.parametrize("estimator", vinn.layers.ESTIMATORS)
+def test_linear_output_moments(estimator):
+    """Every estimator draws outputs with the mean and variance that weight sampling implies."""
     torch.manual_seed(1)
-    layer = vinn.Linear(4, 3, init_scale=0.3)
+    layer = vinn.Linear(4, 3, init_scale=0.3, estimator=estimator)
     with torch.no_grad():
         layer.bias_log_sigma2.fill_(-1.0)  # a bias scale different from the weights' shows a missing term
     x = torch.randn(2, 4)
-    draws = layer(x.repeat(SAMPLES, 1)).detach().reshape(SAMPLES, 2, 3)
+    with torch.no_grad():
+        draws = torch.stack([layer(x) for _ in range(SAMPLES)])
     w_scale, b_scale = layer.weight_scale.detach(), layer.bias_scale.detach()
     mean = x @ layer.weight.detach().T + layer.bias.detach()
     var = (x**2) @ (w_scale**2).T + b_scale**2
     assert_moments(draws, mean, var)
-    # rows of one batch get independent noise: identical inputs, uncorrelated outputs
+
+
+def test_lrt_rows_of_a_batch_are_independent():
+    torch.manual_seed(1)
+    layer = vinn.Linear(4, 3, init_scale=0.3)
+    x = torch.randn(1, 4)
+    # identical inputs in one batch, uncorrelated outputs
     same = layer(x[:1].expand(SAMPLES * 2, 4)).detach().reshape(SAMPLES, 2, 3)
     corr = torch.stack([torch.corrcoef(same[:, :, j].T)[0, 1] for j in range(3)])
     assert corr.abs().max() < Z / math.sqrt(SAMPLES)
@@ -165,6 +174,31 @@ def test_conv2d_lrt_moments_match_unfolded_weights():
     mean = (w @ patches + layer.bias.detach()[:, None]).reshape(3, 3, 3)
     var = (s2 @ patches**2 + layer.bias_scale.detach()[:, None] ** 2).reshape(3, 3, 3)
     assert_moments(draws, mean, var)
+
+
+@pytest.mark.parametrize("estimator", ["sample", "flipout"])
+def test_conv_estimators_keep_shapes_and_moments(estimator):
+    torch.manual_seed(4)
+    layer = vinn.Conv2d(2, 3, 3, padding=1, init_scale=0.2, estimator=estimator)
+    x = torch.randn(1, 2, 4, 4)
+    with torch.no_grad():
+        draws = torch.stack([layer(x)[0] for _ in range(SAMPLES // 4)])
+    patches = F.unfold(x, 3, padding=1)[0]
+    mean = (layer.weight.detach().reshape(3, -1) @ patches + layer.bias.detach()[:, None]).reshape(3, 4, 4)
+    s2 = layer.weight_scale.detach().reshape(3, -1) ** 2
+    var = (s2 @ patches**2 + layer.bias_scale.detach()[:, None] ** 2).reshape(3, 4, 4)
+    assert_moments(draws, mean, var)
+
+
+def test_estimator_defaults_and_bad_values():
+    assert vinn.Linear(2, 2).estimator == "lrt" and vinn.Linear(2, 2, posterior=Laplace).estimator == "sample"
+    assert vinn.Linear(2, 2, posterior=Laplace, estimator="flipout").estimator == "flipout"
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        vinn.Linear(2, 2, estimator="bbb")
+    with pytest.raises(ValueError, match="needs a Normal posterior"):
+        vinn.Linear(2, 2, posterior=Laplace, estimator="lrt")
+    with pytest.raises(ValueError, match="symmetric"):
+        vinn.Linear(2, 2, posterior=torch.distributions.Gumbel, estimator="flipout")
 
 
 def test_non_normal_posterior_samples_weights():

@@ -1,5 +1,14 @@
 """vinn: Bayesian neural networks trained by variational inference, as drop-in torch.nn layers."""
 
+from .convert import (
+    BayesConfig,
+    ConversionReport,
+    LayerReport,
+    LayerSpec,
+    PretrainedPrior,
+    bayesify,
+    to_deterministic,
+)
 from .elbo import ELBO
 from .layers import (
     MAX_SCALE,
@@ -29,6 +38,7 @@ from .uncertainty import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BayesConfig",
     "BayesianLayer",
     "Conv1d",
     "Conv2d",
@@ -36,12 +46,17 @@ __all__ = [
     "ConvTranspose1d",
     "ConvTranspose2d",
     "ConvTranspose3d",
+    "ConversionReport",
     "ELBO",
+    "LayerReport",
+    "LayerSpec",
     "Linear",
     "MAX_SCALE",
     "MIN_SCALE",
     "Module",
+    "PretrainedPrior",
     "RelativeScale",
+    "bayesify",
     "confidence_score",
     "deterministic",
     "expected_calibration_error",
@@ -51,5 +66,6 @@ __all__ = [
     "predictive_entropy",
     "regression_uncertainty",
     "sample",
+    "to_deterministic",
     "uncertainty",
 ]

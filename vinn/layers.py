@@ -11,7 +11,6 @@ The concrete layers only say which functional op they compute.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any, ClassVar
@@ -22,21 +21,21 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from .distributions import (
+    MAX_SCALE,
+    MIN_SCALE,
     PosteriorFamily,
     check_posterior,
     check_prior,
     family_name,
     is_normal,
+    is_symmetric,
     kl_sum,
+    normal_kl,
+    sigma2,
     tensor_leaves,
     with_leaves,
 )
 from .sampling import sampling_enabled
-
-# The posterior scale is kept within these bounds whatever value log σ² takes, so variances, KL
-# and gradients stay finite; no useful scale is anywhere near them.
-MIN_SCALE = 1e-8
-MAX_SCALE = 1e4
 
 # Default initial posterior scale of a freshly built layer: small against torch's default loc
 # initialisation (uniform with bound 1/sqrt(fan_in)), so a new network starts near a
@@ -45,56 +44,11 @@ DEFAULT_INIT_SCALE = 1e-2
 
 InitScale = float | Callable[[Tensor], Tensor]
 PARAMETERS = ("weight", "bias")
+ESTIMATORS = ("lrt", "sample", "flipout")
 
 
 def _default_prior() -> Distribution:
     return Normal(0.0, 1.0)
-
-
-class _BoundedExp(torch.autograd.Function):
-    """σ² = exp(log σ²) with log σ² clamped to [2 log MIN_SCALE, 2 log MAX_SCALE].
-
-    The gradient is exp's, also past the bounds (straight through), so a parameter pushed beyond
-    them still feels the loss and can come back. One allocation each way: on CPU, memory traffic
-    over every parameter is what costs in this hot path.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(log_sigma2: Tensor) -> Tensor:
-        return log_sigma2.clamp(2 * math.log(MIN_SCALE), 2 * math.log(MAX_SCALE)).exp_()
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (sigma2,) = ctx.saved_tensors
-        return grad * sigma2
-
-
-def sigma2(log_sigma2: Tensor) -> Tensor:
-    """The posterior variance σ² (squared scale) from its parameter log σ², bounded and differentiable."""
-    return _BoundedExp.apply(log_sigma2)
-
-
-def normal_kl(loc: Tensor, log_sigma2: Tensor, prior_loc: Tensor, prior_scale: Tensor) -> Tensor:
-    """KL(N(loc, σ²) || N(prior_loc, prior_scale²)) summed over elements, straight from log σ².
-
-    Equal to ``kl_divergence(Normal(loc, σ), Normal(prior_loc, prior_scale)).sum()`` but without
-    building σ, taking its log or materialising a scalar prior per element: a handful of passes
-    over the parameters instead of a dozen. (log σ² enters unclamped, so past the bounds of
-    `sigma2` the KL keeps pulling the parameter back.)
-    """
-    prior_var = prior_scale.square()
-    if prior_loc.dim() == 0 and prior_var.dim() == 0:
-        squared_distance = torch.linalg.vector_norm(loc - prior_loc).square()
-        per_element = (sigma2(log_sigma2).sum() + squared_distance) / prior_var - log_sigma2.sum()
-        return 0.5 * (per_element + loc.numel() * (prior_var.log() - 1))
-    terms = (sigma2(log_sigma2) + (loc - prior_loc).square()) / prior_var - log_sigma2 + prior_var.log() - 1
-    return 0.5 * terms.sum()
 
 
 class BayesianLayer(nn.Module):
@@ -116,7 +70,12 @@ class BayesianLayer(nn.Module):
             params = [p for p in signature.parameters.values() if p.name != "self"]
             extra = [
                 inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-                for name, default in (("posterior", Normal), ("prior", _default_prior()), ("init_scale", DEFAULT_INIT_SCALE))
+                for name, default in (
+                    ("posterior", Normal),
+                    ("prior", _default_prior()),
+                    ("init_scale", DEFAULT_INIT_SCALE),
+                    ("estimator", None),
+                )
             ]
             positional = [p for p in params if p.name not in ("device", "dtype")]
             factory = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params if p.name in ("device", "dtype")]
@@ -128,6 +87,7 @@ class BayesianLayer(nn.Module):
         posterior: PosteriorFamily = Normal,
         prior: Distribution | Mapping[str, Distribution] | None = None,
         init_scale: InitScale = DEFAULT_INIT_SCALE,
+        estimator: str | None = None,
         **kwargs: Any,
     ) -> None:
         self._torch_cls.__init__(self, *args, **kwargs)
@@ -135,6 +95,7 @@ class BayesianLayer(nn.Module):
         _check_init_scale(init_scale)
         self.posterior = posterior
         self.init_scale = init_scale
+        self.estimator = _check_estimator(estimator, posterior)
         for name in PARAMETERS:
             loc = getattr(self, name)
             log_sigma2 = None if loc is None else nn.Parameter(torch.empty_like(loc))
@@ -266,7 +227,11 @@ class BayesianLayer(nn.Module):
     @property
     def per_example_noise(self) -> bool:
         """Whether one forward pass draws independent noise for every example of the batch."""
-        return is_normal(self.posterior)
+        return self.estimator == "lrt"
+
+    @property
+    def _spatial_dims(self) -> int:
+        return len(getattr(self, "kernel_size", ()))
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -276,22 +241,46 @@ class BayesianLayer(nn.Module):
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """One sample of the layer's output; the posterior loc inside `vinn.deterministic()`.
 
-        Normal posterior: local reparameterization. The output is Normal with mean
-        ``op(x, loc_w, loc_b)`` and variance ``op(x², scale_w², scale_b²)``, with fresh noise for
-        every output element, hence independent across the examples of a batch. Other posteriors:
-        one reparameterized draw of weight and bias per call.
+        By ``self.estimator``:
+
+        - ``"lrt"`` (local reparameterization, Normal posterior): the output is Normal with mean
+          ``op(x, loc_w, loc_b)`` and variance ``op(x², σ_w², σ_b²)``, drawn with fresh noise for
+          every output element, hence independent across the examples of a batch. Two passes of
+          ``op``, the lowest gradient variance.
+        - ``"sample"``: one reparameterized draw of weight and bias, shared by the batch. One
+          pass, the highest gradient variance.
+        - ``"flipout"`` (Wen et al. 2018, symmetric posteriors): one draw of the perturbation
+          ``Δw = w - loc``, decorrelated across examples by random signs on the input and output
+          features. Two passes.
         """
         if not sampling_enabled():
             return self._op(input, self.weight, self.bias, *args, **kwargs)
-        if self.per_example_noise:
+        if self.estimator == "lrt":
             mean = self._op(input, self.weight, self.bias, *args, **kwargs)
             var = self._op(input.square(), self._sigma2("weight"), self._sigma2("bias"), *args, **kwargs)
             # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
             std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
             return mean + std * torch.randn_like(mean)
+        if self.estimator == "flipout":
+            mean = self._op(input, self.weight, self.bias, *args, **kwargs)
+            delta = {name: self._perturbation(name) for name in PARAMETERS}
+            flipped = self._op(input * self._random_signs(input), delta["weight"], delta["bias"], *args, **kwargs)
+            return mean + flipped * self._random_signs(mean)
         bias_posterior = self.bias_posterior
         bias = None if bias_posterior is None else bias_posterior.rsample()
         return self._op(input, self.weight_posterior.rsample(), bias, *args, **kwargs)
+
+    def _perturbation(self, name: str) -> Tensor | None:
+        """A draw of w - loc: the posterior family centred at 0."""
+        scale = self._scale(name)
+        if scale is None:
+            return None
+        return self.posterior(loc=scale.new_zeros(()), scale=scale, validate_args=False).rsample()
+
+    def _random_signs(self, t: Tensor) -> Tensor:
+        """±1 per example and feature (channel, for convolutions: shared over the spatial dims)."""
+        shape = t.shape[: t.dim() - self._spatial_dims] + (1,) * self._spatial_dims
+        return torch.empty(shape, dtype=t.dtype, device=t.device).bernoulli_(0.5).mul_(2).sub_(1)
 
     # -- conversion from and to torch.nn ---------------------------------------------------------
 
@@ -311,6 +300,7 @@ class BayesianLayer(nn.Module):
         posterior: PosteriorFamily = Normal,
         prior: Distribution | Mapping[str, Distribution] | None = None,
         init_scale: InitScale = DEFAULT_INIT_SCALE,
+        estimator: str | None = None,
     ) -> BayesianLayer:
         """The Bayesian layer with ``module``'s configuration whose posterior loc is ``module``'s weights.
 
@@ -319,7 +309,7 @@ class BayesianLayer(nn.Module):
         """
         if type(module) is not cls._torch_cls:
             raise TypeError(f"{cls.__name__}.from_torch takes a {cls._torch_cls.__name__}, got {type(module).__name__}")
-        layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale)
+        layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
         with torch.no_grad():
             for name in PARAMETERS:
                 if getattr(module, name) is not None:
@@ -337,7 +327,10 @@ class BayesianLayer(nn.Module):
         return module.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, posterior={family_name(self.posterior)}, prior={self.weight_prior}"
+        return (
+            f"{super().extra_repr()}, posterior={family_name(self.posterior)}, prior={self.weight_prior}, "
+            f"estimator={self.estimator!r}"
+        )
 
 
 def _check_init_scale(init_scale: object) -> None:
@@ -347,6 +340,19 @@ def _check_init_scale(init_scale: object) -> None:
         raise ValueError(
             f"init_scale must be a float in ({MIN_SCALE}, {MAX_SCALE}) or a callable loc -> scale tensor, got {init_scale!r}"
         )
+
+
+def _check_estimator(estimator: str | None, posterior: PosteriorFamily) -> str:
+    """The estimator to use: the given one if it suits the posterior; by default LRT for Normal."""
+    if estimator is None:
+        return "lrt" if is_normal(posterior) else "sample"
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS} or None, got {estimator!r}")
+    if estimator == "lrt" and not is_normal(posterior):
+        raise ValueError(f"estimator='lrt' needs a Normal posterior, got {family_name(posterior)}; use 'sample' or 'flipout'")
+    if estimator == "flipout" and not is_symmetric(posterior):
+        raise ValueError(f"estimator='flipout' needs a posterior symmetric about its loc, got {family_name(posterior)}")
+    return estimator
 
 
 def _split_prior(
@@ -408,7 +414,6 @@ class Conv3d(_ConvNd, nn.Conv3d):
 
 class _ConvTransposeNd(BayesianLayer):
     _functional: ClassVar[Callable[..., Tensor]]
-    _spatial_dims: ClassVar[int]
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None, output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(
@@ -423,21 +428,18 @@ class ConvTranspose1d(_ConvTransposeNd, nn.ConvTranspose1d):
     """Bayesian `torch.nn.ConvTranspose1d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
     _functional = F.conv_transpose1d
-    _spatial_dims = 1
 
 
 class ConvTranspose2d(_ConvTransposeNd, nn.ConvTranspose2d):
     """Bayesian `torch.nn.ConvTranspose2d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
     _functional = F.conv_transpose2d
-    _spatial_dims = 2
 
 
 class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
     """Bayesian `torch.nn.ConvTranspose3d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
     _functional = F.conv_transpose3d
-    _spatial_dims = 3
 
 
 class RelativeScale:
