@@ -73,3 +73,27 @@ def test_bad_input():
         vinn.sample(mlp(), [[0.0] * 4], samples=2)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         vinn.sample(lambda x: x, torch.randn(2, 4), samples=2)
+
+
+def test_trunk_before_the_first_bayesian_layer_runs_once():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    bnn = vinn.bayesify(net, last=1, init_scale=0.3).eval()
+    calls = []
+    bnn.get_submodule("0").register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    x = torch.randn(2, 3)
+    t = 4000
+    draws = vinn.sample(bnn, x, samples=t, chunk_size=1000)
+    assert calls == [2], "the deterministic trunk saw the batch once, not once per sample"
+    head = bnn.get_submodule("2")
+    h = net[1](net[0](x)).detach()
+    mean = h @ head.weight.detach().T + head.bias.detach()
+    var = h**2 @ (head.weight_scale.detach() ** 2).T + head.bias_scale.detach() ** 2
+    assert ((draws.mean(0) - mean).abs() / (var / t).sqrt()).max() < 5
+    assert ((draws.var(0) / var) - 1).abs().max() < 0.15
+    corr = torch.corrcoef(torch.stack([draws[:-1, 0, 0], draws[1:, 0, 0]]))[0, 1]
+    assert abs(corr) < 5 / math.sqrt(t)
+    # in train mode (batch statistics, dropout) nothing is shared
+    calls.clear()
+    vinn.sample(bnn.train(), x, samples=3)
+    assert calls == [6]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import BayesianLayer
@@ -31,6 +33,64 @@ def _cat(chunks: list[Output]) -> Output:
 
 def _per_example_noise(model: nn.Module) -> bool:
     return all(m.per_example_noise for m in model.modules() if isinstance(m, BayesianLayer))
+
+
+# Graph nodes that draw random numbers besides vinn layers: an eval-mode graph holding one of these
+# after the trunk is random there too.
+_RANDOM_FUNCTIONS = {
+    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.randint_like,
+    torch.bernoulli, torch.normal, torch.poisson, torch.multinomial, torch.dropout,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+}  # fmt: skip
+_RANDOM_METHODS = {"bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_", "cauchy_", "log_normal_"}
+
+
+def _split_at_first_sample(model: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None:
+    """(trunk, rest): the deterministic computation on the input, and what follows the first sampling.
+
+    ``trunk(x)`` returns the tuple of values that ``rest(*values)`` needs; ``rest`` gives the
+    model's output. None when there is no trunk to share (the first node already samples) or the
+    graph takes more than one input.
+    """
+    nodes = list(model.graph.nodes)
+    if sum(node.op == "placeholder" for node in nodes) != 1:
+        return None
+    modules = dict(model.named_modules())
+    random, batched = set(), set()  # nodes that draw random numbers / that depend on the input
+    for node in nodes:
+        inputs = node.all_input_nodes
+        if node.op == "placeholder" or any(i in batched for i in inputs):
+            batched.add(node)
+        if (
+            any(i in random for i in inputs)
+            or (node.op == "call_module" and isinstance(modules[node.target], BayesianLayer))
+            or (node.op == "call_function" and node.target in _RANDOM_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _RANDOM_METHODS)
+        ):
+            random.add(node)
+    trunk_nodes = [n for n in nodes if n.op != "output" and n not in random]
+    shared = [n for n in trunk_nodes if n in batched and any(u in random or u.op == "output" for u in n.users)]
+    if all(n.op == "placeholder" for n in shared):
+        return None
+    trunk, rest = torch.fx.Graph(), torch.fx.Graph()
+    in_trunk: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in trunk_nodes:
+        in_trunk[node] = trunk.node_copy(node, in_trunk.__getitem__)
+    trunk.output(tuple(in_trunk[n] for n in shared))
+    in_rest = {n: rest.placeholder(f"shared_{i}") for i, n in enumerate(shared)}
+    for node in nodes:
+        if node not in in_rest and not (node in batched and node not in random):
+            in_rest[node] = rest.node_copy(node, in_rest.__getitem__)
+    parts = torch.fx.GraphModule(model, trunk), torch.fx.GraphModule(model, rest)
+    for part in parts:
+        part.graph.eliminate_dead_code()
+        part.recompile()
+    return parts
+
+
+def _folded(values: Sequence[Tensor], samples: int) -> list[Tensor]:
+    """Each (N, ...) value repeated ``samples`` times along the batch: (samples * N, ...), sample-major."""
+    return [v.expand(samples, *v.shape).reshape(samples * v.shape[0], *v.shape[1:]) for v in values]
 
 
 @torch.no_grad()
@@ -61,12 +121,23 @@ def sample(model: nn.Module, x: Tensor, samples: int = 16, *, chunk_size: int | 
         x = x.to(parameter.device)
     if not _per_example_noise(model):
         return _cat([_split(model(x), 1) for _ in range(samples)])
-    per_pass = chunk_size or max(1, _AUTO_CHUNK_ELEMENTS // max(1, x.numel()))
+    # The trunk before the first sampling node is computed once and shared by all samples when
+    # the model is a torch.fx graph (as bayesify makes) in eval mode, whose shared values are
+    # batch-first tensors; otherwise the whole model runs on the folded batch.
+    split = None
+    if isinstance(model, torch.fx.GraphModule) and not any(m.training for m in model.modules()):
+        split = _split_at_first_sample(model)
+    if split is not None:
+        trunk, rest = split
+        shared = trunk(x)
+        if all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == x.shape[0] for v in shared):
+            model, x = rest, shared
+    inputs = list(x) if isinstance(x, tuple) else [x]
+    per_pass = chunk_size or max(1, _AUTO_CHUNK_ELEMENTS // max(1, sum(v.numel() for v in inputs)))
     chunks = []
     for start in range(0, samples, per_pass):
         t = min(per_pass, samples - start)
-        folded = x.expand(t, *x.shape).reshape(t * x.shape[0], *x.shape[1:])
-        chunks.append(_split(model(folded), t))
+        chunks.append(_split(model(*_folded(inputs, t)), t))
     return _cat(chunks)
 
 

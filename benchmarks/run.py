@@ -1,0 +1,193 @@
+"""vinn's speed and memory as ratios to the deterministic model, measured in the same process.
+
+    python benchmarks/run.py [--device cpu|cuda] [--repeats 9] [--quick]
+
+Prints a Markdown table (paste it into benchmarks/README.md with the date). Every time is the
+median over interleaved repetitions: the deterministic and the Bayesian variant run alternately,
+so drifts of the machine hit both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import vinn  # noqa: E402
+
+ESTIMATORS = ("lrt", "flipout", "sample")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each function, run round-robin ``repeats`` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bayesian: bool) -> Callable[[], None]:
+    """forward + (KL) + backward + Adam, as in a training loop."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=50_000) if bayesian else nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def deterministic_passes(model: nn.Module, x: torch.Tensor, passes: int) -> Callable[[], None]:
+    @torch.no_grad()
+    def run() -> None:
+        for _ in range(passes):
+            model(x)
+
+    return run
+
+
+def numel(model: nn.Module) -> int:
+    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+
+
+def resnet18(device: torch.device) -> nn.Module:
+    return torchvision.models.resnet18(num_classes=10).to(device)
+
+
+def bench_training(device: torch.device, repeats: int, batch: int) -> list[tuple[str, float]]:
+    torch.manual_seed(0)
+    det = resnet18(device).train()
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    fns = {"deterministic": train_step(det, x, y, bayesian=False)}
+    for estimator in ESTIMATORS:
+        bnn = vinn.bayesify(det, config=vinn.BayesConfig().set_global(vinn.LayerSpec(estimator=estimator))).train()
+        fns[estimator] = train_step(bnn, x, y, bayesian=True)
+    medians = interleaved_medians(fns, repeats, device)
+    return [
+        (f"train step, bayesify(resnet18), {estimator}, batch {batch}", medians[estimator] / medians["deterministic"])
+        for estimator in ESTIMATORS
+    ]
+
+
+def bench_prediction(device: torch.device, repeats: int, batch: int, samples: int) -> list[tuple[str, float]]:
+    torch.manual_seed(0)
+    det = resnet18(device).eval()
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    full = vinn.bayesify(det).eval()
+    last = vinn.bayesify(det, last=1).eval()
+    fns = {
+        "deterministic": deterministic_passes(det, x, samples),
+        "full": lambda: vinn.predict(full, x, samples=samples),
+        "last": lambda: vinn.predict(last, x, samples=samples),
+    }
+    medians = interleaved_medians(fns, repeats, device)
+    reference = f"{samples} deterministic passes"
+    return [
+        (f"vinn.predict, bayesify(resnet18), T={samples}, batch {batch} / {reference}", medians["full"] / medians["deterministic"]),
+        (f"vinn.predict, last layer Bayesian, T={samples}, batch {batch} / {reference}", medians["last"] / medians["deterministic"]),
+    ]
+
+
+def bench_memory_and_conversion(device: torch.device, repeats: int) -> list[tuple[str, float]]:
+    det = resnet18(device)
+    rows = [("parameters + buffers, bayesify(resnet18) / resnet18", numel(vinn.bayesify(det)) / numel(det))]
+    resnet50 = torchvision.models.resnet50().to(device)
+    medians = interleaved_medians(
+        {"deepcopy": lambda: copy.deepcopy(resnet50), "bayesify": lambda: vinn.bayesify(resnet50)}, max(3, repeats // 3), device
+    )
+    rows.append(("time of bayesify(resnet50) / copy.deepcopy(resnet50)", medians["bayesify"] / medians["deepcopy"]))
+    return rows
+
+
+def mlp(estimator: str, device: torch.device) -> nn.Module:
+    layers = [vinn.Linear(784, 400, estimator=estimator), nn.ReLU(), vinn.Linear(400, 400, estimator=estimator), nn.ReLU()]
+    return nn.Sequential(*layers, vinn.Linear(400, 10, estimator=estimator)).to(device)
+
+
+def bench_gradient_variance(device: torch.device, draws: int) -> list[tuple[str, float]]:
+    """Variance of the minibatch ELBO gradient w.r.t. the posterior locs, over fresh noise only.
+
+    Same MLP (784-400-400-10), same parameters, same fixed batch of 128 for every estimator: the
+    only randomness is the estimator's. Reported per estimator as a multiple of the lowest.
+    """
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 784, device=device), torch.randint(0, 10, (128,), device=device)
+    reference = mlp("lrt", device)
+    variances = {}
+    for estimator in ESTIMATORS:
+        model = mlp(estimator, device)
+        model.load_state_dict(reference.state_dict())
+        with torch.no_grad():
+            for layer in model:
+                if isinstance(layer, vinn.BayesianLayer):
+                    layer.reset_scale(0.05)  # a scale at which the noise matters, as after some training
+        elbo = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=60_000)
+        locs = [m.weight for m in model if isinstance(m, vinn.BayesianLayer)]
+        grads = []
+        for _ in range(draws):
+            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(elbo(model(x), y), locs)]))
+        variances[estimator] = torch.stack(grads).var(0).mean().item()
+    lowest = min(variances.values())
+    return [(f"ELBO gradient variance, MLP 784-400-400-10, batch 128, {name} (x lowest)", v / lowest) for name, v in variances.items()]
+
+
+def header(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return (
+        f"{datetime.date.today()} · {name} · {os.cpu_count()} CPUs, torch.get_num_threads()={torch.get_num_threads()} · "
+        f"torch {torch.__version__} · Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--quick", action="store_true", help="few repetitions: checks that everything runs")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    repeats = 2 if args.quick else args.repeats
+    print(header(device))
+    print()
+    print("| measurement | ratio |")
+    print("|---|---|")
+    sections = [
+        lambda: bench_training(device, repeats, batch=32),
+        lambda: bench_prediction(device, repeats, batch=64, samples=16),
+        lambda: bench_memory_and_conversion(device, repeats),
+        lambda: bench_gradient_variance(device, draws=10 if args.quick else 200),
+    ]
+    for section in sections:
+        for name, ratio in section():
+            print(f"| {name} | {ratio:.2f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
