@@ -1,0 +1,17 @@
+"""Conversion of trained torch.nn models to Bayesian ones and back: `bayesify`, `to_deterministic`."""
+
+from .bayesify import bayesify, to_deterministic
+from .config import BayesConfig, LayerSpec, PretrainedPrior
+from .models import BayesianGraphModule
+from .report import ConversionReport, LayerReport
+
+__all__ = [
+    "BayesConfig",
+    "BayesianGraphModule",
+    "ConversionReport",
+    "LayerReport",
+    "LayerSpec",
+    "PretrainedPrior",
+    "bayesify",
+    "to_deterministic",
+]

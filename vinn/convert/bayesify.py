@@ -1,0 +1,516 @@
+"""`vinn.bayesify`: a trained torch.nn model becomes a Bayesian one; `vinn.to_deterministic`: the way back.
+
+The pass reads like ``torch.fx.experimental.optimization.fuse``: trace the model, walk the graph,
+match the layers that have a vinn counterpart, replace them, return. A model that torch.fx cannot
+trace is converted by walking its module tree instead.
+
+Names and ``state_dict`` keys of the result:
+
+- A converted module keeps its qualified name and its ``weight`` / ``bias`` keys, which now hold
+  the posterior loc, and gains the vinn layer's own entries beside them: its posterior-scale
+  parameters and its prior's buffers (``<name>.weight_prior_loc``, ``<name>.weight_prior_scale``,
+  ...). A deterministic checkpoint of the input model therefore loads into the result with
+  ``strict=False``.
+- A functional call ``F.linear(x, self.block.w, self.block.b)`` (or ``F.conv*d``) becomes a vinn
+  layer named after its weight: the parameters ``block.w`` and ``block.b`` are replaced by the
+  module ``block.w``, whose keys are ``block.w.weight``, ``block.w.bias`` and the layer's own.
+- Through torch.fx, the result holds only what ``forward`` uses: a module or tensor that
+  ``forward`` never reads is not part of it (``GraphModule`` semantics).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, Normal
+from torch.fx import Graph, Node
+from torch.nn.parameter import is_lazy
+
+from ..distributions import PosteriorFamily
+from ..layers import (
+    BayesianLayer,
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    ConvTranspose1d,
+    ConvTranspose2d,
+    ConvTranspose3d,
+    InitScale,
+    Linear,
+)
+from ..module import Module
+from .config import DEFAULT_INIT_SCALE, SUPPORTED_TYPES, BayesConfig, LayerSpec, PretrainedPrior
+from .models import BayesianGraphModule, bayesian_subclass, user_class
+from .report import ConversionReport, LayerReport
+
+# exact torch.nn type -> its vinn layer
+_VINN_LAYERS: dict[type[nn.Module], type[BayesianLayer]] = {
+    layer._torch_cls: layer
+    for layer in (Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d)
+}
+
+
+
+class _Functional(NamedTuple):
+    layer_type: type[nn.Module]  # the torch.nn layer that computes the same
+    arguments: tuple[str, ...]  # the function's arguments, in positional order
+    weight_dim: int
+
+
+# Functional calls that become vinn layers. F.conv2d is torch.conv2d and F.linear is
+# torch._C._nn.linear: the objects symbolic tracing records as call_function targets.
+_CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_FUNCTIONAL: dict[object, _Functional] = {
+    F.linear: _Functional(nn.Linear, ("input", "weight", "bias"), 2),
+    F.conv1d: _Functional(nn.Conv1d, _CONV_ARGUMENTS, 3),
+    F.conv2d: _Functional(nn.Conv2d, _CONV_ARGUMENTS, 4),
+    F.conv3d: _Functional(nn.Conv3d, _CONV_ARGUMENTS, 5),
+}
+_FUNCTIONAL_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def _call_arguments(call: Node) -> dict[str, object]:
+    """The arguments of a call of a `_FUNCTIONAL` function, by name, defaults included."""
+    return {**_FUNCTIONAL_DEFAULTS, **dict(zip(_FUNCTIONAL[call.target].arguments, call.args)), **call.kwargs}
+
+# torch.nn containers: never called, they are not leaves that read their children's weights
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+# the default prior, one shared instance: bayesify compares against it to tell a prior= the caller
+# passed from the default (each layer copies the prior's tensors into its own buffers)
+_DEFAULT_PRIOR = Normal(0.0, 1.0)
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with vinn layers as leaves: tracing into one would bake its sampling into the graph."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, BayesianLayer) or super().is_leaf_module(module, qualified_name)
+
+
+@dataclass
+class _Candidate:
+    """A Linear/Conv layer of the model: a module, or a functional call on the model's parameters."""
+
+    name: str  # qualified name (of the module, or of the functional call's weight)
+    kind: str  # for the report: "Conv2d", "F.linear"
+    parameters: int  # weight and bias elements
+    order: int  # position in execution order, for last=k
+    reason: str | None  # why it stays deterministic; None while it may be converted
+    layer: nn.Module | None = None  # the exact torch.nn layer to convert (built for a functional call)
+    call: Node | None = None  # the functional call node, for a functional call
+    spec: LayerSpec | None = None  # how it becomes Bayesian, once decided
+
+
+def bayesify(
+    model: nn.Module,
+    config: BayesConfig | None = None,
+    *,
+    posterior: PosteriorFamily = Normal,
+    prior: Distribution | PretrainedPrior = _DEFAULT_PRIOR,
+    init_scale: InitScale = DEFAULT_INIT_SCALE,
+    estimator: str | None = None,
+    last: int | None = None,
+    verbose: bool = False,
+) -> Module:
+    """A Bayesian copy of ``model``: every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` becomes its vinn layer.
+
+    Each converted layer keeps every constructor attribute of the original (stride, padding,
+    dilation, groups, output_padding, padding_mode, bias, dtype, device); its posterior loc is
+    the pretrained weight and bias, so inside `vinn.deterministic()` the result computes exactly
+    what ``model`` computes. ``model`` itself is not modified. The result is a `vinn.Module`
+    (``.kl`` sums the KL of the converted layers) in ``model``'s train/eval mode.
+
+    How: torch.fx traces ``model``, and every call of a module of exactly a supported type is
+    converted (a subclass, which may compute something else, is kept), as is every
+    ``F.linear`` / ``F.conv1d/2d/3d`` call whose weight and bias are parameters of the model used
+    by that call alone. The result is then a `BayesianGraphModule`. Kept deterministic, and
+    reported: parameters shared with another module (tied weights), layers inside a torch.nn
+    module that reads their weights directly (``nn.MultiheadAttention.out_proj``), layers never
+    called in ``forward``. If tracing fails (data-dependent control flow), a ``UserWarning`` says
+    why and the model's module tree is walked instead: the result is then an instance of
+    ``model``'s own class (with `vinn.Module` mixed in), its methods and attributes intact.
+
+    Args:
+        model: the trained torch.nn model.
+        config: which layers become Bayesian and how (`BayesConfig`). Without it, every layer
+            becomes Bayesian with ``LayerSpec(posterior, prior, init_scale, estimator)``; with it,
+            leave those four keywords out and put them in the config's `LayerSpec` objects.
+        posterior: the posterior family, a ``torch.distributions`` class built from loc and scale.
+        prior: a distribution instance, or `PretrainedPrior` (centred on the pretrained weights).
+        init_scale: the initial posterior scale: a float, or a callable loc -> scale tensor such
+            as ``vinn.RelativeScale(0.1, floor=1e-4)`` (MOPED).
+        estimator: how the forward pass samples (``"lrt"``, ``"flipout"``, ``"sample"``; None: the
+            layers' default for the posterior).
+        last: convert only the last ``last`` layers, in the order ``forward`` first uses them,
+            among those the config selects (the rest are reported "excluded by last=k"). In the
+            module-tree fallback the order is that of ``model.named_modules()``.
+        verbose: print the `ConversionReport`.
+
+    Returns:
+        The Bayesian model; its `ConversionReport` is ``bnn.conversion_report``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if type(model) in _VINN_LAYERS:
+        vinn_layer = _VINN_LAYERS[type(model)].__name__
+        raise TypeError(f"model is a single {type(model).__name__}: use vinn.{vinn_layer}.from_torch(model)")
+    config = _resolve_config(config, LayerSpec(posterior, prior, init_scale, estimator))
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int)):
+        raise TypeError(f"last must be a positive int or None, got {type(last).__name__}")
+    if last is not None and last < 1:
+        raise ValueError(f"last must be a positive int (how many layers to convert), got {last}")
+
+    root = copy.deepcopy(model)  # all the work happens on this copy
+    try:
+        graph = _Tracer().trace(root)
+    except Exception as error:  # whatever user code raises on proxies means: not traceable
+        trace_error = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__} ({trace_error}); converting it by walking "
+            "its module tree instead: every supported layer counts as used, F.linear/F.conv calls stay "
+            "deterministic, and last=k follows the order of named_modules()",
+            UserWarning,
+            stacklevel=2,
+        )
+        bnn, candidates = root, _module_tree_candidates(root)
+    else:
+        trace_error = None
+        bnn = BayesianGraphModule(root, graph, class_name=type(model).__name__)
+        candidates = _graph_candidates(root, graph)
+
+    _decide(candidates, config, last)
+    converted = [c for c in candidates if c.spec is not None]
+    modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.call is None}
+    _replace_modules(bnn, modules)
+    for candidate in converted:
+        if candidate.call is not None:
+            _replace_functional_call(bnn, candidate, _bayesian_layer(candidate))
+    if isinstance(bnn, BayesianGraphModule):
+        for node in bnn.graph.nodes:
+            # A string annotation (`from __future__ import annotations`) becomes a str global of the
+            # generated code, which GraphModule pickling rejects in some torch versions (2.11).
+            if isinstance(node.type, str):
+                node.type = None
+        bnn.graph.lint()
+        bnn.recompile()
+    elif not isinstance(bnn, Module):
+        bnn.__class__ = bayesian_subclass(type(bnn))
+
+    bnn.conversion_report = ConversionReport(
+        layers=tuple(
+            LayerReport(c.name, c.kind, c.parameters, converted=c.spec is not None, reason=c.reason)
+            for c in candidates
+        ),
+        traced=trace_error is None,
+        total_parameters=_numel(model.parameters()),
+        trace_error=trace_error,
+    )
+    if verbose:
+        print(bnn.conversion_report)
+    return bnn
+
+
+def to_deterministic(model: nn.Module) -> nn.Module:
+    """A plain torch.nn copy of ``model`` in which every vinn layer is its torch.nn layer holding the posterior loc.
+
+    Its output equals ``model``'s inside `vinn.deterministic()`. For a `bayesify` result: a
+    ``torch.fx.GraphModule`` (traced models) or an instance of the user's own class (module-tree
+    fallback), neither a `vinn.Module`. Works on any module containing vinn layers, such as a
+    `vinn.Module` written by hand (its class is kept). ``model`` is not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, BayesianLayer):
+        return model.to_torch()
+    net = copy.deepcopy(model)
+    _replace_modules(net, {id(m): m.to_torch() for m in net.modules() if isinstance(m, BayesianLayer)})
+    if isinstance(net, BayesianGraphModule):
+        return torch.fx.GraphModule(net, net.graph, class_name=type(net).__name__)
+    original_class = user_class(net)
+    if original_class is not None:
+        net.__class__ = original_class
+        del net.conversion_report
+    return net
+
+
+def _resolve_config(config: BayesConfig | None, keywords: LayerSpec) -> BayesConfig:
+    """``config``, or without one, the config giving every layer the spec of bayesify's keywords."""
+    if config is None:
+        return BayesConfig().set_global(keywords)
+    if not isinstance(config, BayesConfig):
+        raise TypeError(f"config must be a vinn.BayesConfig or None, got {type(config).__name__}")
+    if keywords != LayerSpec(prior=_DEFAULT_PRIOR):
+        raise TypeError(
+            "pass posterior, prior, init_scale and estimator in the LayerSpecs of config, not as keywords beside it"
+        )
+    return config
+
+
+# -- finding the layers ------------------------------------------------------------------------
+
+
+def _graph_candidates(root: nn.Module, graph: Graph) -> list[_Candidate]:
+    """Every Linear/Conv module of ``root`` and every functional call on its parameters, as traced."""
+    called: dict[str, int] = {}  # call_module target -> position of its first call
+    read: set[str] = set()  # get_attr targets
+    for position, node in enumerate(graph.nodes):
+        if node.op == "call_module":
+            called.setdefault(node.target, position)
+        elif node.op == "get_attr":
+            read.add(node.target)
+    tied = _tied_parameters(root)
+    candidates = []
+    for name, module in root.named_modules():
+        if isinstance(module, SUPPORTED_TYPES):
+            reason = _module_reason(name, module, called, tied) or _usage_reason(name, called, read)
+            candidates.append(_module_candidate(name, module, called.get(name, -1), reason))
+    parameters = dict(root.named_parameters())
+    functional: dict[str, _Candidate] = {}  # by weight name: a weight used by several calls is one entry
+    for position, node in enumerate(graph.nodes):
+        if node.op == "call_function" and node.target in _FUNCTIONAL:
+            candidate = _functional_candidate(root, node, position, parameters, called, tied)
+            if candidate is not None:
+                functional.setdefault(candidate.name, candidate)
+    return candidates + list(functional.values())
+
+
+def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
+    """Every Linear/Conv module of ``root``, in ``named_modules`` order, without a graph to say how it is used."""
+    tracer = _Tracer()
+    leaves = {
+        name
+        for name, module in root.named_modules()
+        if name and tracer.is_leaf_module(module, name) and not isinstance(module, _CONTAINERS)
+    }
+    tied = _tied_parameters(root)
+    return [
+        _module_candidate(name, module, position, _module_reason(name, module, leaves, tied))
+        for position, (name, module) in enumerate(root.named_modules())
+        if isinstance(module, SUPPORTED_TYPES)
+    ]
+
+
+def _module_candidate(name: str, module: nn.Module, order: int, reason: str | None) -> _Candidate:
+    parameters = _numel(p for p in (module.weight, module.bias) if p is not None)
+    return _Candidate(name, type(module).__name__, parameters, order, reason, layer=module)
+
+
+def _module_reason(name: str, module: nn.Module, leaves: Iterable[str], tied: dict[str, str]) -> str | None:
+    """Why the module ``name`` cannot be converted, whatever the options; None if it can."""
+    if isinstance(module, BayesianLayer):
+        return "already a vinn layer"
+    leaf = _leaf_ancestor(name, leaves)
+    if leaf is not None:
+        return f"read directly by leaf module {leaf}"
+    if type(module) not in _VINN_LAYERS:
+        base = next(t for t in type(module).__mro__ if t in _VINN_LAYERS)
+        return f"unsupported type {type(module).__name__} (subclass of nn.{base.__name__}; exact types only)"
+    for attribute in ("weight", "bias"):
+        also = tied.get(_qualified(name, attribute))
+        if also is not None:
+            return f"shared parameter (also {also})"
+    return None
+
+
+def _usage_reason(name: str, called: dict[str, int], read: set[str]) -> str | None:
+    """Why the traced ``forward`` does not let the module ``name`` be replaced; None if it does."""
+    direct = sorted(target for target in read if target.startswith(f"{name}."))
+    if direct:
+        return f"parameter read directly in forward ({direct[0]})"
+    return None if name in called else "never called in forward"
+
+
+def _functional_candidate(
+    root: nn.Module,
+    call: Node,
+    position: int,
+    parameters: dict[str, nn.Parameter],
+    called: dict[str, int],
+    tied: dict[str, str],
+) -> _Candidate | None:
+    """The functional call ``call`` as a layer, if its weight is a parameter of ``root``; None otherwise.
+
+    A weight that belongs to a Linear/Conv module is that module's entry (it says "parameter read
+    directly in forward"); a weight computed in ``forward`` is no layer of the model.
+    """
+    functional, arguments = _FUNCTIONAL[call.target], _call_arguments(call)
+    weight = _read_parameter(arguments["weight"], parameters)
+    if weight is None or isinstance(root.get_submodule(_parent(arguments["weight"].target)), SUPPORTED_TYPES):
+        return None
+    bias = _read_parameter(arguments["bias"], parameters)
+    reads = [arguments[name] for name in ("weight", "bias") if arguments[name] is not None]
+    options = {name: arguments[name] for name in functional.arguments[3:]}  # stride, padding, dilation, groups
+    reason = _functional_reason(functional, reads, weight, bias, options, called, tied)
+    return _Candidate(
+        name=arguments["weight"].target,
+        kind=f"F.{call.target.__name__}",
+        parameters=_numel(t for t in (weight, bias) if t is not None),
+        order=position,
+        reason=reason,
+        layer=None if reason is not None else _equivalent_layer(functional.layer_type, weight, bias, options),
+        call=call,
+    )
+
+
+def _functional_reason(
+    functional: _Functional,
+    reads: list[Node],
+    weight: Tensor,
+    bias: Tensor | None,
+    options: dict[str, object],
+    called: dict[str, int],
+    tied: dict[str, str],
+) -> str | None:
+    """Why a functional call on the model's weight cannot become a vinn layer; None if it can."""
+    if len(reads) > 1 and bias is None:
+        return "bias is not a parameter of the model"
+    for read in reads:
+        if len(read.users) > 1:
+            return f"parameter {read.target} used elsewhere in forward"
+        if read.target in tied:
+            return f"shared parameter (also {tied[read.target]})"
+        leaf = _leaf_ancestor(read.target, called)
+        if leaf is not None:
+            return f"read directly by leaf module {leaf}"
+    if any(_has_node(value) for value in options.values()):
+        return "stride, padding, dilation or groups computed in forward"
+    if weight.dim() != functional.weight_dim:
+        return f"weight of shape {tuple(weight.shape)} fits no nn.{functional.layer_type.__name__}"
+    return None
+
+
+def _equivalent_layer(
+    layer_type: type[nn.Module], weight: Tensor, bias: Tensor | None, options: dict[str, object]
+) -> nn.Module:
+    """The ``layer_type`` module holding ``weight`` and ``bias`` that computes what the functional call did."""
+    factory = {"bias": bias is not None, "device": weight.device, "dtype": weight.dtype}
+    if layer_type is nn.Linear:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], **factory)
+    else:  # weight (out_channels, in_channels / groups, *kernel_size)
+        in_channels = weight.shape[1] * options["groups"]
+        layer = layer_type(in_channels, weight.shape[0], tuple(weight.shape[2:]), **options, **factory)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+# -- choosing and converting -------------------------------------------------------------------
+
+
+def _decide(candidates: list[_Candidate], config: BayesConfig, last: int | None) -> None:
+    """Set each candidate's spec (converted) or reason (kept): first the config, then last=k on top."""
+    for candidate in candidates:
+        if candidate.reason is None:
+            spec, rule = config.spec_for(candidate.name, type(candidate.layer))
+            if spec is None:
+                candidate.reason = f"excluded by config ({rule})"
+            candidate.spec = spec
+    selected = sorted((c for c in candidates if c.spec is not None), key=lambda c: c.order)
+    if last is not None:
+        for candidate in selected[:-last]:
+            candidate.spec, candidate.reason = None, f"excluded by last={last}"
+
+
+def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
+    layer, spec = candidate.layer, candidate.spec
+    try:
+        return _VINN_LAYERS[type(layer)].from_torch(
+            layer,
+            posterior=spec.posterior,
+            prior=spec.layer_prior(layer),
+            init_scale=spec.init_scale,
+            estimator=spec.estimator,
+        )
+    except (TypeError, ValueError) as error:  # a prior or init_scale that does not fit this layer
+        raise type(error)(f"cannot convert {candidate.name or 'the model'}: {error}") from error
+
+
+def _replace_modules(root: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Point every reference inside ``root`` to a module ``m`` at ``replacements[id(m)]``.
+
+    All references: a module registered under several names is replaced under each.
+    """
+    for name, module in list(root.named_modules(remove_duplicate=False)):
+        if name and id(module) in replacements:
+            setattr(root.get_submodule(_parent(name)), name.rpartition(".")[2], replacements[id(module)])
+
+
+def _replace_functional_call(graph_module: torch.fx.GraphModule, candidate: _Candidate, layer: BayesianLayer) -> None:
+    """Replace the functional call by a call of ``layer``, registered under the weight's name."""
+    call, graph = candidate.call, graph_module.graph
+    arguments = _call_arguments(call)
+    reads = [arguments[name] for name in ("weight", "bias") if arguments[name] is not None]
+    for read in reads:  # the parameters now live in the layer: no duplicate in state_dict
+        delattr(graph_module.get_submodule(_parent(read.target)), read.target.rpartition(".")[2])
+    graph_module.get_submodule(_parent(candidate.name)).add_module(candidate.name.rpartition(".")[2], layer)
+    with graph.inserting_before(call):
+        layer_call = graph.call_module(candidate.name, (arguments["input"],))
+    call.replace_all_uses_with(layer_call)
+    graph.erase_node(call)
+    for read in reads:
+        graph.erase_node(read)
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def _tied_parameters(root: nn.Module) -> dict[str, str]:
+    """Qualified parameter name -> another name of the same tensor in a different module (tied weights).
+
+    A module registered under several names shares its parameters with itself only: not tied.
+    """
+    names_by_tensor: dict[int, list[str]] = defaultdict(list)
+    for name, parameter in root.named_parameters(remove_duplicate=False):
+        names_by_tensor[id(parameter)].append(name)
+    tied = {}
+    for names in names_by_tensor.values():
+        owners = {name: root.get_submodule(_parent(name)) for name in names}
+        for name in names:
+            others = [other for other in names if owners[other] is not owners[name]]
+            if others:
+                tied[name] = others[0]
+    return tied
+
+
+def _leaf_ancestor(name: str, leaves: Iterable[str]) -> str | None:
+    """The outermost proper ancestor of ``name`` among ``leaves`` (modules that are not traced into)."""
+    parts = name.split(".")
+    return next((prefix for i in range(1, len(parts)) if (prefix := ".".join(parts[:i])) in leaves), None)
+
+
+def _read_parameter(value: object, parameters: dict[str, nn.Parameter]) -> nn.Parameter | None:
+    """The parameter that ``value`` reads, if it is a get_attr node of one."""
+    if isinstance(value, Node) and value.op == "get_attr":
+        return parameters.get(value.target)
+    return None
+
+
+def _has_node(value: object) -> bool:
+    found = []
+    torch.fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _numel(tensors: Iterable[Tensor]) -> int:
+    """Elements of ``tensors``, counting a lazy (not yet materialised) parameter as 0."""
+    return sum(t.numel() for t in tensors if not is_lazy(t))

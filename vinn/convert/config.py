@@ -1,0 +1,192 @@
+"""What `vinn.bayesify` makes Bayesian, and how: `LayerSpec`, `BayesConfig` and `PretrainedPrior`.
+
+In the spirit of ``torch.ao.quantization.QConfigMapping``: a `LayerSpec` says how one layer
+becomes Bayesian (posterior family, prior, initial posterior scale); a `BayesConfig` maps layers
+to a spec, or to None to keep them deterministic, globally, by module type and by name pattern.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+
+from torch import nn
+from torch.distributions import Distribution, Normal
+
+from ..distributions import PosteriorFamily, check_posterior
+from ..layers import InitScale, _check_estimator, _check_init_scale
+
+# The torch.nn layers that have a vinn counterpart. Only these exact types are converted.
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+class PretrainedPrior:
+    """The empirical-Bayes prior ``Normal(w_pretrained, scale)``, elementwise, for every weight and bias.
+
+    Use it wherever a prior is accepted by `vinn.bayesify` or `LayerSpec`: each converted layer
+    gets a Normal prior centred on its own pretrained weight and bias (stored per element, as
+    buffers ``weight_prior_loc`` and ``weight_prior_scale``), so the KL term pulls the posterior
+    towards the pretrained solution rather than towards zero. ``scale`` is the prior's standard
+    deviation, in the units of the weights.
+    """
+
+    def __init__(self, scale: float = 0.1) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, Real):
+            raise TypeError(f"PretrainedPrior scale must be a float, got {type(scale).__name__}")
+        if not 0 < scale < math.inf:
+            raise ValueError(f"PretrainedPrior scale must be positive and finite, got {scale}")
+        self.scale = float(scale)
+
+    def priors(self, layer: nn.Module) -> dict[str, Distribution]:
+        """``{"weight": Normal(layer.weight, scale), "bias": ...}`` from ``layer``'s current tensors.
+
+        The locs are detached copies: the prior stays at the pretrained values while training
+        moves the posterior.
+        """
+        return {
+            name: Normal(tensor.detach().clone(), self.scale)
+            for name in ("weight", "bias")
+            if (tensor := getattr(layer, name)) is not None
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PretrainedPrior) and other.scale == self.scale
+
+    def __hash__(self) -> int:
+        return hash((PretrainedPrior, self.scale))
+
+    def __repr__(self) -> str:
+        return f"PretrainedPrior(scale={self.scale})"
+
+
+def _default_prior() -> Distribution:
+    return Normal(0.0, 1.0)
+
+
+# Starting from a pretrained network, the posterior scale starts an order of magnitude below a
+# fresh vinn layer's (vinn.layers.DEFAULT_INIT_SCALE): the converted model's samples stay close to
+# the pretrained function until the ELBO grows the scale where the data allow.
+DEFAULT_INIT_SCALE = 1e-3
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer becomes Bayesian.
+
+    - ``posterior``: a ``torch.distributions`` class built from ``loc`` and ``scale`` (Normal,
+      Laplace, ..., ``functools.partial(StudentT, df)``); its loc starts at the pretrained weights.
+    - ``prior``: a distribution instance (scalar, broadcast to every element, or of the weight's
+      shape), or `PretrainedPrior` (centred on the pretrained weights).
+    - ``init_scale``: the initial posterior scale: a float (the same for every element) or a
+      callable from the loc tensor to a scale tensor, such as ``vinn.RelativeScale(0.1, 1e-4)``
+      (MOPED: proportional to ``|w|``, with a floor).
+    - ``estimator``: how the forward pass samples, ``"lrt"``, ``"flipout"`` or ``"sample"``, as
+      for any vinn layer; None picks the layer's default for the posterior.
+    """
+
+    posterior: PosteriorFamily = Normal
+    prior: Distribution | PretrainedPrior = field(default_factory=_default_prior)
+    init_scale: InitScale = DEFAULT_INIT_SCALE
+    estimator: str | None = None
+
+    def __post_init__(self) -> None:
+        check_posterior(self.posterior)
+        if not isinstance(self.prior, (Distribution, PretrainedPrior)):
+            raise TypeError(
+                "prior must be a torch.distributions.Distribution instance such as Normal(0., 1.) "
+                f"or vinn.PretrainedPrior(scale), got {type(self.prior).__name__}"
+            )
+        if not callable(self.init_scale) and (isinstance(self.init_scale, bool) or not isinstance(self.init_scale, Real)):
+            raise TypeError(
+                f"init_scale must be a float or a callable loc -> scale tensor, got {type(self.init_scale).__name__}"
+            )
+        _check_init_scale(self.init_scale)
+        _check_estimator(self.estimator, self.posterior)
+
+    def layer_prior(self, layer: nn.Module) -> Distribution | dict[str, Distribution]:
+        """The prior to build ``layer``'s Bayesian counterpart with (as ``from_torch`` takes it)."""
+        return self.prior.priors(layer) if isinstance(self.prior, PretrainedPrior) else self.prior
+
+
+def _check_spec(spec: object) -> None:
+    if spec is not None and not isinstance(spec, LayerSpec):
+        raise TypeError(f"spec must be a vinn.LayerSpec or None (keep deterministic), got {type(spec).__name__}")
+
+
+class BayesConfig:
+    """Which layers `vinn.bayesify` makes Bayesian, each with its `LayerSpec`; None keeps a layer deterministic.
+
+    Every setter returns the config, so calls chain::
+
+        config = (vinn.BayesConfig()
+                  .set_global(None)                                        # nothing by default ...
+                  .set_type(nn.Linear, vinn.LayerSpec(init_scale=1e-2))    # ... but every Linear
+                  .set_name("features.*", vinn.LayerSpec()))               # and everything under features
+
+    Precedence, lowest to highest: the global spec (default ``LayerSpec()``: every layer Bayesian),
+    then the spec of the layer's exact type, then name patterns, where a pattern set later wins
+    over one set earlier. Patterns are ``fnmatch`` patterns matched against the whole qualified
+    name (``"*"`` also matches dots: ``"layer4.*"`` matches ``"layer4.1.conv2"``). A layer that
+    ``F.linear`` / ``F.conv*d`` calls in ``forward`` (see `vinn.bayesify`) is matched by the
+    qualified name of its weight and by the torch.nn type that computes the same (``nn.Linear``,
+    ``nn.Conv2d``, ...). `vinn.bayesify`'s ``last=k`` then applies on top of the config.
+    """
+
+    def __init__(self) -> None:
+        self._global: LayerSpec | None = LayerSpec()
+        self._by_type: dict[type[nn.Module], LayerSpec | None] = {}
+        self._by_name: dict[str, LayerSpec | None] = {}  # insertion order = precedence, last wins
+
+    def set_global(self, spec: LayerSpec | None) -> BayesConfig:
+        """The spec of every layer that no type or name rule matches; None: keep those deterministic."""
+        _check_spec(spec)
+        self._global = spec
+        return self
+
+    def set_type(self, module_type: type[nn.Module], spec: LayerSpec | None) -> BayesConfig:
+        """The spec of every layer of exactly ``module_type`` (``nn.Linear``, ``nn.Conv2d``, ...)."""
+        if not isinstance(module_type, type):
+            raise TypeError(f"module_type must be a torch.nn layer class, got {type(module_type).__name__}")
+        if module_type not in SUPPORTED_TYPES:
+            names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_TYPES)
+            raise ValueError(f"module_type must be one of {names}; got {module_type.__name__}")
+        _check_spec(spec)
+        self._by_type[module_type] = spec
+        return self
+
+    def set_name(self, pattern: str, spec: LayerSpec | None) -> BayesConfig:
+        """The spec of every layer whose qualified name matches the fnmatch ``pattern``; set later, wins."""
+        if not isinstance(pattern, str):
+            raise TypeError(f"pattern must be a str (an fnmatch pattern), got {type(pattern).__name__}")
+        _check_spec(spec)
+        self._by_name.pop(pattern, None)  # setting a pattern again moves it to the end: it wins
+        self._by_name[pattern] = spec
+        return self
+
+    def spec_for(self, name: str, module_type: type[nn.Module]) -> tuple[LayerSpec | None, str]:
+        """The spec of the layer ``name`` of type ``module_type``, and the rule that chose it.
+
+        The rule is ``"global"``, ``"type Conv2d"`` or ``"name 'features.*'"``.
+        """
+        for pattern in reversed(self._by_name):
+            if fnmatch.fnmatchcase(name, pattern):
+                return self._by_name[pattern], f"name {pattern!r}"
+        if module_type in self._by_type:
+            return self._by_type[module_type], f"type {module_type.__name__}"
+        return self._global, "global"
+
+    def __repr__(self) -> str:
+        rules = [f"set_global({self._global!r})"]
+        rules += [f"set_type(nn.{t.__name__}, {s!r})" for t, s in self._by_type.items()]
+        rules += [f"set_name({p!r}, {s!r})" for p, s in self._by_name.items()]
+        return "BayesConfig()." + ".".join(rules)
