@@ -10,7 +10,9 @@ The concrete layers only say which functional op they compute.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any, ClassVar
@@ -45,6 +47,10 @@ DEFAULT_INIT_SCALE = 1e-2
 InitScale = float | Callable[[Tensor], Tensor]
 PARAMETERS = ("weight", "bias")
 ESTIMATORS = ("lrt", "sample", "flipout")
+
+
+# Set by from_torch while it builds a layer whose parameters it then overwrites.
+_skip_initialisation: contextvars.ContextVar[bool] = contextvars.ContextVar("vinn_skip_initialisation", default=False)
 
 
 def _default_prior() -> Distribution:
@@ -103,7 +109,8 @@ class BayesianLayer(nn.Module):
         self._prior_templates: dict[str, tuple[Distribution, list[str]]] = {}
         for name, distribution in _split_prior(prior, self.weight.shape, self._bias_shape).items():
             self._register_prior(name, distribution)
-        self.reset_scale()
+        if not _skip_initialisation.get():
+            self.reset_scale()
 
     @property
     def _bias_shape(self) -> torch.Size | None:
@@ -134,6 +141,8 @@ class BayesianLayer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialise loc as torch.nn does, then the posterior scale from ``init_scale``."""
+        if _skip_initialisation.get():
+            return
         super().reset_parameters()  # the torch.nn layer's loc initialisation
         if "weight_log_sigma2" in self._parameters:  # torch.nn's __init__ calls this before it exists
             self.reset_scale()
@@ -152,10 +161,10 @@ class BayesianLayer(nn.Module):
             loc, log_sigma2 = getattr(self, name), getattr(self, f"{name}_log_sigma2")
             if loc is None:
                 continue
-            if callable(self.init_scale):
-                scale = torch.as_tensor(self.init_scale(loc.detach()), dtype=loc.dtype, device=loc.device)
-            else:
-                scale = torch.full_like(loc, float(self.init_scale))
+            if not callable(self.init_scale):  # checked when set
+                log_sigma2.fill_(2 * math.log(self.init_scale))
+                continue
+            scale = torch.as_tensor(self.init_scale(loc.detach()), dtype=loc.dtype, device=loc.device)
             if scale.shape != loc.shape and torch.broadcast_shapes(scale.shape, loc.shape) != loc.shape:
                 raise ValueError(f"init_scale gave shape {tuple(scale.shape)} for {name} of shape {tuple(loc.shape)}")
             if not bool(((scale > MIN_SCALE) & (scale < MAX_SCALE)).all()):
@@ -309,7 +318,11 @@ class BayesianLayer(nn.Module):
         """
         if type(module) is not cls._torch_cls:
             raise TypeError(f"{cls.__name__}.from_torch takes a {cls._torch_cls.__name__}, got {type(module).__name__}")
-        layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
+        token = _skip_initialisation.set(True)  # the loc is copied below: initialising it is wasted work
+        try:
+            layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
+        finally:
+            _skip_initialisation.reset(token)
         with torch.no_grad():
             for name in PARAMETERS:
                 if getattr(module, name) is not None:
