@@ -97,3 +97,16 @@ def test_trunk_before_the_first_bayesian_layer_runs_once():
     calls.clear()
     vinn.sample(bnn.train(), x, samples=3)
     assert calls == [6]
+
+
+def test_shared_trunk_follows_module_changes():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    bnn = vinn.bayesify(net, last=1).eval()
+    x = torch.randn(2, 3)
+    vinn.sample(bnn, x, samples=2)
+    replacement = nn.Linear(3, 4)
+    calls = []
+    replacement.register_forward_hook(lambda module, args, out: calls.append(1))
+    setattr(bnn, "0", replacement)
+    vinn.sample(bnn, x, samples=2)
+    assert calls == [1], "the cached trunk uses the module now in the model"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +44,20 @@ _RANDOM_FUNCTIONS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
 }  # fmt: skip
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_", "cauchy_", "log_normal_"}
+
+
+# model -> (what the split was built from, the split): building one costs milliseconds of code
+# generation, more than a whole prediction of a small model on a GPU.
+_splits: weakref.WeakKeyDictionary[torch.fx.GraphModule, tuple[object, object]] = weakref.WeakKeyDictionary()
+
+
+def _cached_split(model: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None:
+    """`_split_at_first_sample`, rebuilt only when the model's code or any of its modules changed."""
+    key = (model.code, tuple(map(id, model.modules())))
+    cached = _splits.get(model)
+    if cached is None or cached[0] != key:
+        cached = _splits[model] = (key, _split_at_first_sample(model))
+    return cached[1]
 
 
 def _split_at_first_sample(model: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None:
@@ -126,7 +141,7 @@ def sample(model: nn.Module, x: Tensor, samples: int = 16, *, chunk_size: int | 
     # batch-first tensors; otherwise the whole model runs on the folded batch.
     split = None
     if isinstance(model, torch.fx.GraphModule) and not any(m.training for m in model.modules()):
-        split = _split_at_first_sample(model)
+        split = _cached_split(model)
     if split is not None:
         trunk, rest = split
         shared = trunk(x)
