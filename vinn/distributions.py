@@ -164,7 +164,9 @@ class _BoundedExp(torch.autograd.Function):
 
     @staticmethod
     def forward(log_sigma2: Tensor) -> Tensor:
-        return log_sigma2.clamp(2 * math.log(MIN_SCALE), 2 * math.log(MAX_SCALE)).exp_()
+        # exp is monotone: clamping its result equals exponentiating the clamped input (inf and 0
+        # included), and clamping in place saves a pass over every parameter
+        return log_sigma2.exp().clamp_(MIN_SCALE**2, MAX_SCALE**2)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
@@ -191,8 +193,10 @@ def normal_kl(loc: Tensor, log_sigma2: Tensor, prior_loc: Tensor, prior_scale: T
     """
     prior_var = prior_scale.square()
     if prior_loc.dim() == 0 and prior_var.dim() == 0:
-        squared_distance = torch.linalg.vector_norm(loc - prior_loc).square()
+        # Σ (loc - m)² expanded, so that no parameter-sized temporary is allocated
+        n = loc.numel()
+        squared_distance = torch.linalg.vector_norm(loc).square() - 2 * prior_loc * loc.sum() + n * prior_loc.square()
         per_element = (sigma2(log_sigma2).sum() + squared_distance) / prior_var - log_sigma2.sum()
-        return 0.5 * (per_element + loc.numel() * (prior_var.log() - 1))
+        return 0.5 * (per_element + n * (prior_var.log() - 1))
     terms = (sigma2(log_sigma2) + (loc - prior_loc).square()) / prior_var - log_sigma2 + prior_var.log() - 1
     return 0.5 * terms.sum()

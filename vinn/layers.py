@@ -220,10 +220,16 @@ class BayesianLayer(nn.Module):
         return self._prior("bias")
 
     def _kl(self, name: str) -> Tensor:
-        prior = self._prior(name)
-        if is_normal(self.posterior) and type(prior) is Normal:
-            return normal_kl(getattr(self, name), getattr(self, f"{name}_log_sigma2"), prior.loc, prior.scale)
-        return kl_sum(self._posterior(name), prior)
+        if is_normal(self.posterior) and type(self._prior_templates[name][0]) is Normal:
+            # the default case, straight from the parameters and buffers: no distribution objects
+            buffers = self._buffers
+            return normal_kl(
+                self._parameters[name],
+                self._parameters[f"{name}_log_sigma2"],
+                buffers[f"{name}_prior_loc"],
+                buffers[f"{name}_prior_scale"],
+            )
+        return kl_sum(self._posterior(name), self._prior(name))
 
     @property
     def kl(self) -> Tensor:
