@@ -274,8 +274,10 @@ class BayesianLayer(nn.Module):
             mean = self._op(input, self.weight, self.bias, *args, **kwargs)
             var = self._op(input.square(), self._sigma2("weight"), self._sigma2("bias"), *args, **kwargs)
             # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
-            std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
-            return mean + std * torch.randn_like(mean)
+            tiny = torch.finfo(var.dtype).tiny
+            if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
+                return var.clamp_min_(tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
+            return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
         if self.estimator == "flipout":
             mean = self._op(input, self.weight, self.bias, *args, **kwargs)
             delta = {name: self._perturbation(name) for name in PARAMETERS}
