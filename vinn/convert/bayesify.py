@@ -48,7 +48,7 @@ from ..layers import (
     Linear,
 )
 from ..module import Module
-from .config import DEFAULT_INIT_SCALE, SUPPORTED_TYPES, BayesConfig, LayerSpec, PretrainedPrior
+from .config import CONVERTED_INIT_SCALE, SUPPORTED_TYPES, BayesConfig, LayerSpec, PretrainedPrior
 from .models import BayesianGraphModule, bayesian_subclass, user_class
 from .report import ConversionReport, LayerReport
 
@@ -117,7 +117,7 @@ def bayesify(
     *,
     posterior: PosteriorFamily = Normal,
     prior: Distribution | PretrainedPrior = _DEFAULT_PRIOR,
-    init_scale: InitScale = DEFAULT_INIT_SCALE,
+    init_scale: InitScale = CONVERTED_INIT_SCALE,
     estimator: str | None = None,
     last: int | None = None,
     verbose: bool = False,

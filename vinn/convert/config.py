@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributions import Distribution, Normal
 
 from ..distributions import PosteriorFamily, check_posterior
-from ..layers import InitScale, _check_estimator, _check_init_scale
+from ..layers import InitScale, _check_estimator, _check_init_scale, _default_prior
 
 # The torch.nn layers that have a vinn counterpart. Only these exact types are converted.
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
@@ -69,14 +69,10 @@ class PretrainedPrior:
         return f"PretrainedPrior(scale={self.scale})"
 
 
-def _default_prior() -> Distribution:
-    return Normal(0.0, 1.0)
-
-
 # Starting from a pretrained network, the posterior scale starts an order of magnitude below a
 # fresh vinn layer's (vinn.layers.DEFAULT_INIT_SCALE): the converted model's samples stay close to
 # the pretrained function until the ELBO grows the scale where the data allow.
-DEFAULT_INIT_SCALE = 1e-3
+CONVERTED_INIT_SCALE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -96,7 +92,7 @@ class LayerSpec:
 
     posterior: PosteriorFamily = Normal
     prior: Distribution | PretrainedPrior = field(default_factory=_default_prior)
-    init_scale: InitScale = DEFAULT_INIT_SCALE
+    init_scale: InitScale = CONVERTED_INIT_SCALE
     estimator: str | None = None
 
     def __post_init__(self) -> None:
