@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from vinn.uncertainty import (
+    auroc,
+    brier_score,
     confidence_score,
     expected_calibration_error,
     mutual_information,
@@ -256,3 +258,48 @@ def test_bad_regression_arguments():
         regression_uncertainty(np.zeros((3, 4)), 1.0)
     with pytest.raises(TypeError, match="mean must be floating point"):
         regression_uncertainty(np.zeros((3, 4), dtype=np.int32), np.ones((3, 4)))
+
+
+def test_brier_score_hand_computed():
+    probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]])
+    labels = np.array([0, 2])
+    # (0.09 + 0.04 + 0.01) and (0.25 + 0.25 + 1), averaged over the 2 examples
+    assert brier_score(probs, labels) == pytest.approx((0.14 + 1.5) / 2)
+    assert brier_score(torch.tensor(probs), torch.tensor(labels)) == pytest.approx(0.82)
+    samples = np.stack([probs, probs[:, [1, 0, 2]]])  # (T=2, N, C): averaged over T first
+    assert brier_score(samples, labels) == pytest.approx(brier_score(samples.mean(0), labels))
+    assert brier_score(np.eye(3), np.arange(3)) == 0.0
+
+
+def test_auroc_hand_computed_and_ties():
+    assert auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 0.0
+    assert auroc(torch.ones(3), torch.ones(5)) == 0.5  # all ties count 1/2
+    # pairs (in, out): 2>1, 2=2, 2<3, 5>1, 5>2, 5>3 -> (4 + 0.5) / 6
+    assert auroc(np.array([2.0, 5.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(4.5 / 6)
+
+
+def test_auroc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    scores_in = rng.normal(1.0, 1.0, 300).round(1)  # rounded: many ties
+    scores_out = rng.normal(0.0, 1.0, 200).round(1)
+    expected = roc_auc_score(np.r_[np.ones(300), np.zeros(200)], np.r_[scores_in, scores_out])
+    assert auroc(scores_in, scores_out) == pytest.approx(expected, abs=1e-12)
+    assert auroc(torch.tensor(scores_in), torch.tensor(scores_out)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_bad_brier_and_auroc_arguments():
+    with pytest.raises(ValueError, match=r"labels must have shape \(N,\) = \(2,\)"):
+        brier_score(np.full((2, 2), 0.5), np.zeros(3, dtype=np.int64))
+    with pytest.raises(TypeError, match="probs must be a numpy array or torch tensor"):
+        brier_score([[0.5, 0.5]], np.zeros(1, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"scores_out must have shape \(N,\) with N >= 1, got \(0,\)"):
+        auroc(np.ones(3), np.ones(0))
+    with pytest.raises(ValueError, match=r"scores_in must have shape \(N,\).*got \(2, 2\)"):
+        auroc(np.ones((2, 2)), np.ones(3))
+    with pytest.raises(ValueError, match="scores_in contains NaN"):
+        auroc(np.array([np.nan]), np.ones(3))
+    with pytest.raises(TypeError, match="scores_out must hold real scores"):
+        auroc(np.ones(3), np.ones(3, dtype=bool))

@@ -27,6 +27,8 @@ from .module import Module, kl
 from .predict import predict, sample
 from .sampling import deterministic
 from .uncertainty import (
+    auroc,
+    brier_score,
     confidence_score,
     expected_calibration_error,
     mutual_information,
@@ -56,7 +58,9 @@ __all__ = [
     "Module",
     "PretrainedPrior",
     "RelativeScale",
+    "auroc",
     "bayesify",
+    "brier_score",
     "confidence_score",
     "deterministic",
     "expected_calibration_error",

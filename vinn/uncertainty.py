@@ -6,6 +6,7 @@ array or a torch tensor and returns the same kind (a tensor keeps its device and
 formula is written once, in torch; numpy input is viewed as a tensor and converted back.
 
 References:
+    Brier (1950), Verification of Forecasts Expressed in Terms of Probability.
     Houlsby et al. (2011), Bayesian Active Learning for Classification and Preference Learning.
     Guo et al. (2017), On Calibration of Modern Neural Networks.
     Kendall & Gal (2017), What Uncertainties Do We Need in Bayesian Deep Learning for Computer Vision?
@@ -22,9 +23,12 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "auroc",
+    "brier_score",
     "confidence_score",
     "expected_calibration_error",
     "mutual_information",
@@ -124,6 +128,30 @@ def mutual_information(p: Array) -> Array:
     return _back((_entropy(t.mean(0)) - _entropy(t).mean(0)).clamp_min(0), was_numpy)
 
 
+def _metric_dtype(t: Tensor) -> torch.dtype:
+    # sums of up to N terms: float64 keeps them exact enough (MPS has no float64)
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def _mean_probabilities_and_labels(probs: object, labels: object) -> tuple[Tensor, Tensor]:
+    """Validated ``probs`` as ``(N, C)`` (averaged over ``T`` if given ``(T, N, C)``), detached, and
+    ``labels`` ``(N,)`` integer class indices on the same device."""
+    t, _ = _probabilities(probs, "probs", ranks=(2, 3))
+    if t.ndim == 3:
+        t = t.mean(0)
+    y, _ = _tensor(labels, "labels")
+    n, c = t.shape
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape (N,) = ({n},) to match probs, got {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer class indices, got dtype {y.dtype}")
+    y = y.to(t.device)
+    if y.min() < 0 or y.max() >= c:
+        low, high = y.min().item(), y.max().item()
+        raise ValueError(f"labels must be class indices in [0, {c}), got values in [{low}, {high}]")
+    return t.detach(), y  # metrics are returned as floats: no graph to keep
+
+
 def expected_calibration_error(probs: Array, labels: Array, n_bins: int = 15) -> float:
     """Expected calibration error ``Σ_b (n_b / N) |acc_b - conf_b|`` (Guo et al. 2017).
 
@@ -138,22 +166,10 @@ def expected_calibration_error(probs: Array, labels: Array, n_bins: int = 15) ->
         raise TypeError(f"n_bins must be a positive int, got {n_bins!r}")
     if n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins}")
-    t, _ = _probabilities(probs, "probs", ranks=(2, 3))
-    if t.ndim == 3:
-        t = t.mean(0)
-    y, _ = _tensor(labels, "labels")
-    n, c = t.shape
-    if y.shape != (n,):
-        raise ValueError(f"labels must have shape (N,) = ({n},) to match probs, got {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"labels must hold integer class indices, got dtype {y.dtype}")
-    y = y.to(t.device)
-    if y.min() < 0 or y.max() >= c:
-        low, high = y.min().item(), y.max().item()
-        raise ValueError(f"labels must be class indices in [0, {c}), got values in [{low}, {high}]")
-    confidence, predicted = t.detach().max(1)  # a metric returned as a float: no graph to keep
-    # sums of up to N confidences: float64 keeps them exact enough (MPS has no float64)
-    dtype = torch.float32 if t.device.type == "mps" else torch.float64
+    t, y = _mean_probabilities_and_labels(probs, labels)
+    n = len(y)
+    confidence, predicted = t.max(1)
+    dtype = _metric_dtype(t)
     confidence = confidence.to(dtype)
     edges = torch.arange(1, n_bins, dtype=dtype, device=t.device) / n_bins
     bins = torch.bucketize(confidence, edges)  # edges[b-1] < confidence <= edges[b]
@@ -161,6 +177,46 @@ def expected_calibration_error(probs: Array, labels: Array, n_bins: int = 15) ->
     gap = zeros.index_add(0, bins, (predicted == y).to(dtype)) - zeros.index_add(0, bins, confidence)
     # (n_b / N) |acc_b - conf_b| = |Σ_b correct - Σ_b confidence| / N, with no 0/0 for empty bins
     return float(gap.abs().sum() / n)
+
+
+def brier_score(probs: Array, labels: Array) -> float:
+    """Brier score ``mean_N Σ_c (p_c - onehot(y)_c)²``, in ``[0, 2]``; lower is better (Brier 1950).
+
+    ``probs``: ``(N, C)`` predictive probabilities, or ``(T, N, C)`` samples averaged over ``T``
+    first. ``labels``: ``(N,)`` integer class indices.
+    """
+    t, y = _mean_probabilities_and_labels(probs, labels)
+    t = t.to(_metric_dtype(t))
+    onehot = F.one_hot(y.long(), t.shape[1]).to(t.dtype)
+    return float(((t - onehot) ** 2).sum(1).mean())
+
+
+def _scores(x: object, name: str) -> Tensor:
+    t, _ = _tensor(x, name)
+    if t.ndim != 1 or len(t) == 0:
+        raise ValueError(f"{name} must have shape (N,) with N >= 1, got {tuple(t.shape)}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real scores, got dtype {t.dtype}")
+    if t.is_floating_point() and t.isnan().any():
+        raise ValueError(f"{name} contains NaN")
+    return t.detach().to(_metric_dtype(t))
+
+
+def auroc(scores_in: Array, scores_out: Array) -> float:
+    """Area under the ROC curve of telling in- from out-of-distribution inputs by a score.
+
+    The probability that a random in-distribution example scores higher than a random
+    out-of-distribution one, ties counting 1/2 (the Mann-Whitney U statistic over
+    ``N_in * N_out``): 1 separates perfectly, 0.5 is chance. Computed from ranks in
+    ``O(N log N)``. ``scores_in``: ``(N_in,)``; ``scores_out``: ``(N_out,)``, higher meaning
+    "more in-distribution" (e.g. `confidence_score`).
+    """
+    inside, outside = _scores(scores_in, "scores_in"), _scores(scores_out, "scores_out")
+    outside = outside.to(inside.device).sort().values
+    below = torch.searchsorted(outside, inside, side="left")  # out-scores strictly lower
+    not_above = torch.searchsorted(outside, inside, side="right")
+    wins = (below + not_above).to(inside.dtype) / 2  # strictly lower + half the ties
+    return float(wins.sum() / (len(inside) * len(outside)))
 
 
 def regression_uncertainty(mean: Array, var: Array) -> tuple[Array, Array]:
