@@ -49,6 +49,14 @@ def test_confidence_histograms_one_panel_or_one_per_model():
     assert [ax.get_title() for ax in panels.axes] == ["deterministic", "Bayesian"]
 
 
+def test_confidence_histograms_keep_an_empty_group_in_the_legend():
+    # a model that gets every example right has no "wrong" scores: the figure must still be drawn
+    figure = confidence_histograms({"correct": np.random.rand(30), "wrong": np.zeros(0)})
+    ax = figure.axes[0]
+    assert len(ax.patches) == 1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["correct (30)", "wrong (0)"]
+
+
 def test_uncertainty_scatter_splits_correct_and_wrong():
     correct = np.arange(10) % 3 > 0
     figure = uncertainty_scatter(np.random.rand(10) / 4, torch.rand(10) / 4, correct)

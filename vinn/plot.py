@@ -23,13 +23,13 @@ __all__ = ["confidence_histograms", "image_grid", "reliability_diagram", "uncert
 _PANEL_SIZE = 3.6  # inches per panel: readable in a README at GitHub's column width
 
 
-def _array(x: object, name: str, ndim: tuple[int, ...]) -> np.ndarray:
-    """``x`` as a numpy array of one of the ranks in ``ndim``, with at least one element."""
+def _array(x: object, name: str, ndim: tuple[int, ...], empty: bool = False) -> np.ndarray:
+    """``x`` as a numpy array of one of the ranks in ``ndim``, with at least one element unless ``empty``."""
     if isinstance(x, Tensor):
         x = x.detach().cpu().numpy()
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-    if x.ndim not in ndim or x.size == 0:
+    if x.ndim not in ndim or (x.size == 0 and not empty):
         raise ValueError(f"{name} must be a non-empty array with {' or '.join(map(str, ndim))} dimensions, got shape {x.shape}")
     return x
 
@@ -115,8 +115,13 @@ def confidence_histograms(scores: Mapping[str, object], bins: int = 20) -> Figur
     for ax, (title, groups) in zip(axes, panels.items()):
         _non_empty_mapping(groups, f"scores[{title!r}]")
         for group_name, group_scores in groups.items():
-            group_scores = _array(group_scores, f"scores[{group_name!r}]", (1,))
-            ax.hist(group_scores, bins=edges, density=True, histtype="step", linewidth=1.5, label=f"{group_name} ({len(group_scores)})")
+            # a group may be empty (a model with no wrong prediction): it stays in the legend, as (0)
+            group_scores = _array(group_scores, f"scores[{group_name!r}]", (1,), empty=True)
+            label = f"{group_name} ({len(group_scores)})"
+            if len(group_scores):
+                ax.hist(group_scores, bins=edges, density=True, histtype="step", linewidth=1.5, label=label)
+            else:
+                ax.plot([], [], label=label)
         ax.set(xlim=(0, 1), xlabel="confidence score", ylabel="density", title=title)
         ax.legend(loc="upper left", fontsize="small")
     return figure
