@@ -150,12 +150,12 @@ def sample(model: nn.Module, x: Tensor, samples: int = 16, *, chunk_size: int | 
     split = None
     if isinstance(model, torch.fx.GraphModule) and not any(m.training for m in model.modules()):
         split = _cached_split(model)
+    inputs = [x]
     if split is not None:
         trunk, rest = split
         shared = trunk(x)
         if all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == x.shape[0] for v in shared):
-            model, x = rest, shared
-    inputs = list(x) if isinstance(x, tuple) else [x]
+            model, inputs = rest, list(shared)
     cpu = inputs[0].device.type == "cpu"
     budget = _AUTO_CHUNK_ELEMENTS_CPU if cpu else _AUTO_CHUNK_ELEMENTS_ACCELERATOR
     per_pass = chunk_size or max(1, budget // max(1, sum(v.numel() for v in inputs)))
