@@ -1,6 +1,6 @@
 """vinn's speed and memory as ratios to the deterministic model, measured in the same process.
 
-    python benchmarks/run.py [--device cpu|cuda] [--repeats 9] [--quick]
+    python benchmarks/run.py [--device cpu|cuda] [--repeats 9] [--quick] [--no-compile]
 
 Prints a Markdown table (paste it into benchmarks/README.md with the date). Every time is the
 median over interleaved repetitions: the deterministic and the Bayesian variant run alternately,
@@ -50,14 +50,21 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, devi
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bayesian: bool) -> Callable[[], None]:
-    """forward + (KL) + backward + Adam, as in a training loop."""
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bayesian: bool, compiled: bool = False) -> Callable[[], None]:
+    """forward + (KL) + backward + Adam, as in a training loop; with ``compiled``, forward and loss
+    (the KL included) go through ``torch.compile(fullgraph=True)``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=50_000) if bayesian else nn.CrossEntropyLoss()
 
+    def loss() -> torch.Tensor:
+        return loss_fn(model(x), y)
+
+    if compiled:
+        loss = torch.compile(loss, fullgraph=True)
+
     def step() -> None:
         optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
+        loss().backward()
         optimizer.step()
 
     return step
@@ -93,6 +100,27 @@ def bench_training(device: torch.device, repeats: int, batch: int) -> list[tuple
     return [
         (f"train step, bayesify(resnet18), {estimator}, batch {batch}", medians[estimator] / medians["deterministic"])
         for estimator in ESTIMATORS
+    ]
+
+
+def bench_compile(device: torch.device, repeats: int, batch: int) -> list[tuple[str, float]]:
+    """The training step of bench_training (lrt) under torch.compile; compiling takes minutes on a CPU."""
+    torch.manual_seed(0)
+    det = resnet18(device).train()
+    bnn = vinn.bayesify(det).train()
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    fns = {
+        "deterministic compiled": train_step(det, x, y, bayesian=False, compiled=True),
+        "bayesian compiled": train_step(bnn, x, y, bayesian=True, compiled=True),
+        "bayesian eager": train_step(bnn, x, y, bayesian=True),
+    }
+    fns["bayesian compiled"]()  # a second call specialises on the gradients the first one created
+    medians = interleaved_medians(fns, repeats, device)
+    step = f"train step, bayesify(resnet18), lrt, batch {batch}"
+    return [
+        (f"{step}, compiled / deterministic compiled", medians["bayesian compiled"] / medians["deterministic compiled"]),
+        (f"{step}, compiled / eager", medians["bayesian compiled"] / medians["bayesian eager"]),
     ]
 
 
@@ -171,6 +199,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="few repetitions: checks that everything runs")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (minutes of compiling)")
     args = parser.parse_args()
     device = torch.device(args.device)
     repeats = 2 if args.quick else args.repeats
@@ -184,6 +213,8 @@ def main() -> None:
         lambda: bench_memory_and_conversion(device, repeats),
         lambda: bench_gradient_variance(device, draws=10 if args.quick else 200),
     ]
+    if not args.no_compile:
+        sections.append(lambda: bench_compile(device, repeats, batch=32))
     for section in sections:
         for name, ratio in section():
             print(f"| {name} | {ratio:.2f}× |", flush=True)

@@ -85,6 +85,7 @@ def main(epochs: int = 20, batch_size: int = 32, fast: bool = False) -> dict[str
         print(f"posterior parameters identical on all ranks: {identical}")
         result = {"accuracy": accuracy, "identical": identical}
     dist.barrier()  # rank 1 must not tear the group down while rank 0 is still evaluating
+    del ddp_model  # DDP's reducer holds the group: release it before the group goes
     dist.destroy_process_group()
     return result
 

@@ -8,10 +8,10 @@ import vinn
 
 
 @pytest.fixture
-def setup():
+def setup(device):
     torch.manual_seed(0)
-    model = vinn.Linear(4, 3)
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model = vinn.Linear(4, 3, device=device)
+    x, y = torch.randn(8, 4, device=device), torch.randint(0, 3, (8,), device=device)
     with vinn.deterministic():
         outputs = model(x)
     return model, outputs, y

@@ -44,13 +44,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# gloo can abort a process in its C++ teardown ("terminate called without an active exception",
+# pytorch/pytorch#179291), rarely and only on a loaded machine; a second run tells that apart from a
+# failure of the script itself
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def test_ddp_torchrun_two_ranks_keep_identical_posteriors():
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(EXAMPLES / "ddp_torchrun.py"), "--fast",
-    ]
-    run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[:6000]
+    for attempt in range(2):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+            str(EXAMPLES / "ddp_torchrun.py"), "--fast",
+        ]
+        run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+        if run.returncode == 0 or TEARDOWN_ABORT not in run.stderr:
+            break
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[:6000]
     assert "posterior parameters identical on all ranks: True" in run.stdout
     accuracy = float(run.stdout.split("test accuracy ")[1].split()[0])
     assert accuracy > 0.5

@@ -137,13 +137,13 @@ def assert_moments(draws: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -
 
 
 @pytest.mark.parametrize("estimator", vinn.layers.ESTIMATORS)
-def test_linear_output_moments(estimator):
+def test_linear_output_moments(estimator, device):
     """Every estimator draws outputs with the mean and variance that weight sampling implies."""
     torch.manual_seed(1)
-    layer = vinn.Linear(4, 3, init_scale=0.3, estimator=estimator)
+    layer = vinn.Linear(4, 3, init_scale=0.3, estimator=estimator, device=device)
     with torch.no_grad():
         layer.bias_log_sigma2.fill_(-1.0)  # a bias scale different from the weights' shows a missing term
-    x = torch.randn(2, 4)
+    x = torch.randn(2, 4, device=device)
     with torch.no_grad():
         draws = torch.stack([layer(x) for _ in range(SAMPLES)])
     w_scale, b_scale = layer.weight_scale.detach(), layer.bias_scale.detach()
@@ -162,10 +162,10 @@ def test_lrt_rows_of_a_batch_are_independent():
     assert corr.abs().max() < Z / math.sqrt(SAMPLES)
 
 
-def test_conv2d_lrt_moments_match_unfolded_weights():
+def test_conv2d_lrt_moments_match_unfolded_weights(device):
     torch.manual_seed(2)
-    layer = vinn.Conv2d(2, 3, 3, padding=1, stride=2, init_scale=0.2)
-    x = torch.randn(1, 2, 5, 5)
+    layer = vinn.Conv2d(2, 3, 3, padding=1, stride=2, init_scale=0.2, device=device)
+    x = torch.randn(1, 2, 5, 5, device=device)
     draws = layer(x.expand(SAMPLES, -1, -1, -1)).detach()
     # the output as explicit sums over receptive fields, independently of conv2d
     patches = F.unfold(x, 3, padding=1, stride=2)[0]  # (C*k*k, L)
@@ -177,10 +177,10 @@ def test_conv2d_lrt_moments_match_unfolded_weights():
 
 
 @pytest.mark.parametrize("estimator", ["sample", "flipout"])
-def test_conv_estimators_keep_shapes_and_moments(estimator):
+def test_conv_estimators_keep_shapes_and_moments(estimator, device):
     torch.manual_seed(4)
-    layer = vinn.Conv2d(2, 3, 3, padding=1, init_scale=0.2, estimator=estimator)
-    x = torch.randn(1, 2, 4, 4)
+    layer = vinn.Conv2d(2, 3, 3, padding=1, init_scale=0.2, estimator=estimator, device=device)
+    x = torch.randn(1, 2, 4, 4, device=device)
     with torch.no_grad():
         draws = torch.stack([layer(x)[0] for _ in range(SAMPLES // 4)])
     patches = F.unfold(x, 3, padding=1)[0]

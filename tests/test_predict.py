@@ -26,11 +26,11 @@ def test_shapes_and_probabilities():
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 3])
 @pytest.mark.parametrize("posterior", [None, Laplace])
-def test_samples_are_independent_draws_of_the_predictive(chunk_size, posterior):
+def test_samples_are_independent_draws_of_the_predictive(chunk_size, posterior, device):
     """One layer: for each example the T outputs have the layer's output mean and variance."""
     torch.manual_seed(1)
-    layer = vinn.Linear(3, 2, init_scale=0.3, **({} if posterior is None else {"posterior": posterior}))
-    x = torch.randn(2, 3)
+    layer = vinn.Linear(3, 2, init_scale=0.3, device=device, **({} if posterior is None else {"posterior": posterior}))
+    x = torch.randn(2, 3, device=device)
     t = 4000
     draws = vinn.sample(layer, x, samples=t, chunk_size=chunk_size)
     scale2 = layer.weight_scale.detach() ** 2 * (2 if posterior is Laplace else 1)
@@ -75,13 +75,13 @@ def test_bad_input():
         vinn.sample(lambda x: x, torch.randn(2, 4), samples=2)
 
 
-def test_trunk_before_the_first_bayesian_layer_runs_once():
+def test_trunk_before_the_first_bayesian_layer_runs_once(device):
     torch.manual_seed(2)
-    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(device)
     bnn = vinn.bayesify(net, last=1, init_scale=0.3).eval()
     calls = []
     bnn.get_submodule("0").register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    x = torch.randn(2, 3)
+    x = torch.randn(2, 3, device=device)
     t = 4000
     draws = vinn.sample(bnn, x, samples=t, chunk_size=1000)
     assert calls == [2], "the deterministic trunk saw the batch once, not once per sample"
@@ -110,3 +110,30 @@ def test_shared_trunk_follows_module_changes():
     setattr(bnn, "0", replacement)
     vinn.sample(bnn, x, samples=2)
     assert calls == [1], "the cached trunk uses the module now in the model"
+
+
+@pytest.mark.parametrize("posterior", [None, Laplace])  # noise drawn by vinn / by rsample
+def test_generator_makes_predictions_reproducible_without_touching_the_global_rng(posterior, device):
+    net = mlp(posterior).to(device)
+    x = torch.randn(5, 4)
+    torch.manual_seed(3)
+    expected_global = torch.rand(3, device=device), torch.rand(3)
+    torch.manual_seed(3)
+    first = vinn.predict(net, x, samples=4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.rand(3, device=device), expected_global[0]), "the global RNG is restored"
+    assert torch.equal(torch.rand(3), expected_global[1])
+    again = vinn.predict(net, x, samples=4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)
+    assert torch.equal(first, vinn.predict(net, x, samples=4, generator=7)), "an int seed is a fresh generator"
+    # a generator advances like torch's own: its next call gives new, different samples
+    generator = torch.Generator().manual_seed(7)
+    vinn.predict(net, x, samples=4, generator=generator)
+    assert not torch.equal(first, vinn.predict(net, x, samples=4, generator=generator))
+    assert not torch.equal(first[0], first[1]), "the samples within one call still differ"
+
+
+def test_bad_generator():
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, an int seed or None"):
+        vinn.predict(mlp(), torch.randn(2, 4), generator="seed")
+    with pytest.raises(ValueError, match="non-negative int"):
+        vinn.predict(mlp(), torch.randn(2, 4), generator=-1)

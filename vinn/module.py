@@ -1,6 +1,10 @@
-"""`vinn.Module`, a torch.nn.Module that knows its KL, and `vinn.kl` for any module."""
+"""`vinn.Module`, a torch.nn.Module that knows its KL and names what a mismatching checkpoint lacks,
+and `vinn.kl` for any module."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,3 +40,48 @@ class Module(nn.Module):
     def kl(self) -> Tensor:
         """Sum of ``.kl`` over every vinn layer inside, recursively (0-dim tensor; 0. if none)."""
         return kl(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """`torch.nn.Module.load_state_dict`; with ``strict``, a checkpoint of another architecture
+        fails first with a RuntimeError naming the first mismatching key in the model's order."""
+        if strict:
+            _check_architecture(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _is_bayesian_entry(key: str) -> bool:
+    """A posterior scale or prior entry of a vinn layer: what a deterministic model does not have."""
+    name = key.rsplit(".", 1)[-1]
+    return name.endswith("_log_sigma2") or "_prior_" in name
+
+
+def _check_architecture(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    resized = [
+        k for k, v in expected.items()
+        if isinstance(state_dict.get(k), Tensor) and state_dict[k].shape != v.shape
+    ]  # fmt: skip
+    if not (missing or unexpected or resized):
+        return
+    problems = {k: "missing from the state_dict" for k in missing}
+    for k in resized:
+        problems[k] = f"shape {tuple(state_dict[k].shape)} in the state_dict, {tuple(expected[k].shape)} in the model"
+    first = next((k for k in expected if k in problems), None)
+    if first is None:
+        first, why = unexpected[0], "in the state_dict but not in the model"
+    else:
+        why = problems[first]
+    hint = "the checkpoint was saved from a different architecture"
+    if missing and all(map(_is_bayesian_entry, missing)) and not (unexpected or resized):
+        hint = (
+            "the state_dict has no posterior scales or priors: it comes from a deterministic model; load it into that "
+            "model and call vinn.bayesify on it, or pass strict=False to keep this model's scales and priors"
+        )
+    elif unexpected and all(map(_is_bayesian_entry, unexpected)) and not (missing or resized):
+        hint = "the state_dict holds posterior scales or priors of layers that are deterministic in this model"
+    raise RuntimeError(
+        f"Error loading state_dict into {type(model).__name__}: first mismatching key {first!r}: {why} "
+        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(resized)} of another shape); {hint}"
+    )

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import BayesianLayer
+from .sampling import seeded
 
 # Largest number of input elements in one folded forward pass when no chunk_size is given. On a
 # CPU, passes whose activations stay within a few hundred MB run fastest (measured: 256 rows of
@@ -111,7 +112,14 @@ def _folded(values: Sequence[Tensor], samples: int) -> list[Tensor]:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, x: Tensor, samples: int = 16, *, chunk_size: int | None = None) -> Output:
+def sample(
+    model: nn.Module,
+    x: Tensor,
+    samples: int = 16,
+    *,
+    chunk_size: int | None = None,
+    generator: torch.Generator | int | None = None,
+) -> Output:
     """Outputs of ``samples`` sampled forward passes: shape (T, N, ...), T = ``samples``.
 
     ``x`` is a batch (N, ...), moved to the model's device. Each of the T outputs of every example
@@ -130,6 +138,11 @@ def sample(model: nn.Module, x: Tensor, samples: int = 16, *, chunk_size: int | 
 
     Runs without gradients and does not change ``model.training``: call ``model.eval()`` first,
     as for any prediction (dropout and batch-norm behave as in the mode the model is in).
+
+    ``generator`` (a `torch.Generator` or an int seed) makes the draws reproducible without
+    touching the global RNG: the same generator state gives the same samples, and the global
+    state after the call is what it was before (see `vinn.sampling.seeded`). Without it the
+    global RNG is used, as by any torch layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -142,6 +155,11 @@ def sample(model: nn.Module, x: Tensor, samples: int = 16, *, chunk_size: int | 
     parameter = next(model.parameters(), None)
     if parameter is not None:
         x = x.to(parameter.device)
+    with seeded(generator, x.device):
+        return _sample(model, x, samples, chunk_size)
+
+
+def _sample(model: nn.Module, x: Tensor, samples: int, chunk_size: int | None) -> Output:
     if not _per_example_noise(model):
         return _cat([_split(model(x), 1) for _ in range(samples)])
     # The trunk before the first sampling node is computed once and shared by all samples when
@@ -166,14 +184,21 @@ def sample(model: nn.Module, x: Tensor, samples: int = 16, *, chunk_size: int | 
     return _cat(chunks)
 
 
-def predict(model: nn.Module, x: Tensor, samples: int = 16, *, chunk_size: int | None = None) -> Tensor:
+def predict(
+    model: nn.Module,
+    x: Tensor,
+    samples: int = 16,
+    *,
+    chunk_size: int | None = None,
+    generator: torch.Generator | int | None = None,
+) -> Tensor:
     """Class probabilities of ``samples`` sampled forward passes: (T, N, C), softmax over classes.
 
     The model's outputs are logits with classes in dimension 1 (N, C, ...), as for
     ``nn.CrossEntropyLoss``. Feed the result to `vinn.uncertainty` or `vinn.confidence_score`.
-    See `sample` for batching, chunking and devices.
+    See `sample` for batching, chunking, devices and ``generator``.
     """
-    logits = sample(model, x, samples, chunk_size=chunk_size)
+    logits = sample(model, x, samples, chunk_size=chunk_size, generator=generator)
     if not isinstance(logits, Tensor):
         raise TypeError("predict needs a model that returns one tensor of logits; use vinn.sample for tuples")
     return logits.softmax(dim=2)
