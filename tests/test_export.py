@@ -1,5 +1,5 @@
-"""Export: the posterior-loc model goes through torch.export and ONNX, both as the plain torch model
-`vinn.to_deterministic` returns and as the vinn model itself inside `vinn.deterministic()`."""
+"""Export of the posterior-loc model: torch.export of the plain torch model `vinn.to_deterministic`
+returns and of the vinn model itself inside `vinn.deterministic()`; ONNX of the former."""
 
 import pytest
 import torch

@@ -105,10 +105,11 @@ def test_tuple_and_unbatched_arguments():
     check_parity(vinn.Conv2d, nn.Conv2d, (3, 4, (3, 1)), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2)), torch.randn(3, 9, 9))
 
 
-def test_factory_kwargs_and_dtype():
-    layer = vinn.Linear(3, 2, dtype=torch.float64, device="cpu")
+def test_factory_kwargs_and_dtype(device):
+    layer = vinn.Linear(3, 2, dtype=torch.float64, device=device)
     assert layer.weight.dtype == layer.weight_log_sigma2.dtype == layer.weight_prior_loc.dtype == torch.float64
-    assert layer(torch.randn(4, 3, dtype=torch.float64)).dtype == torch.float64
+    assert layer.weight.device.type == layer.weight_log_sigma2.device.type == layer.weight_prior_loc.device.type == device.type
+    assert layer(torch.randn(4, 3, dtype=torch.float64, device=device)).dtype == torch.float64
     assert layer.kl.dtype == torch.float64
 
 

@@ -163,18 +163,17 @@ def test_to_deterministic_of_any_module_with_vinn_layers():
         vinn.to_deterministic("model")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_model_on_the_gpu_converts_and_stays_there(model):
-    model = model.cuda()
-    x = X.cuda()
+def test_a_model_on_a_device_converts_and_stays_there(model, device):
+    model = model.to(device)
+    x = X.to(device)
     bnn = vinn.bayesify(model, prior=vinn.PretrainedPrior(0.1), init_scale=vinn.RelativeScale())
     tensors = list(bnn.parameters()) + list(bnn.buffers())
-    assert all(t.is_cuda for t in tensors)
+    assert all(t.device.type == device.type for t in tensors)
     with torch.no_grad(), vinn.deterministic():
         torch.testing.assert_close(bnn(x), model(x), atol=1e-6, rtol=0)
     (bnn(x).sum() + bnn.kl).backward()
-    assert bnn.kl.is_cuda and bnn.fc.weight.grad.is_cuda
+    assert bnn.kl.device.type == bnn.fc.weight.grad.device.type == device.type
     for twin in (saved_and_loaded(bnn), copy.deepcopy(bnn), vinn.to_deterministic(bnn)):
-        assert all(t.is_cuda for t in twin.parameters())
+        assert all(t.device.type == device.type for t in twin.parameters())
         with torch.no_grad(), vinn.deterministic():
             torch.testing.assert_close(twin(x), bnn(x), atol=0, rtol=0)
