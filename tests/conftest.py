@@ -1,4 +1,6 @@
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,3 +16,15 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device(request) -> torch.device:
     """Every test that takes ``device`` runs on the CPU and, where one is present, on CUDA."""
     return torch.device(request.param)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """A function giving a TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    return _free_port

@@ -2,7 +2,6 @@
 on the concatenated batch (noise off), so the KL is counted once per step and scaled by the dataset."""
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -50,19 +49,13 @@ def _rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_train_like_one_process_on_the_concatenated_batch(tmp_path):
+def test_two_ranks_train_like_one_process_on_the_concatenated_batch(tmp_path, free_port):
     try:
-        mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+        mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     except mp.ProcessExitedException as error:  # gloo's rare teardown abort (see test_examples.py): once more
         if error.signal_name != "SIGABRT":
             raise
-        mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+        mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     reference = _model()
     _train(reference, reference, slice(None))

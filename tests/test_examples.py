@@ -1,6 +1,5 @@
 """The examples of issue 5, each run in its fast mode: they run, and their numbers make sense."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,22 +37,16 @@ def test_regression_epistemic_uncertainty_is_larger_in_the_gap(tmp_path):
     assert plot.stat().st_size > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # gloo can abort a process in its C++ teardown ("terminate called without an active exception",
 # pytorch/pytorch#179291), rarely and only on a loaded machine; a second run tells that apart from a
 # failure of the script itself
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def test_ddp_torchrun_two_ranks_keep_identical_posteriors():
+def test_ddp_torchrun_two_ranks_keep_identical_posteriors(free_port):
     for attempt in range(2):
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             str(EXAMPLES / "ddp_torchrun.py"), "--fast",
         ]
         run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
