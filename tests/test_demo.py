@@ -6,6 +6,8 @@ import math
 
 import demo
 import pytest
+import torch
+from torch import nn
 
 METRICS = ["accuracy", "NLL", "ECE", "Brier score", "confidence right", "confidence wrong",
            "AUROC noise", "AUROC rotated", "AUROC inverted", "AUROC unseen 9s", "AUROC mean OOD"]  # fmt: skip
@@ -42,15 +44,43 @@ def test_readme_without_one_marker_block_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_demo_keeps_accuracy_and_separates_right_wrong_and_out_of_distribution(tmp_path):
-    # The Bayesian model's ECE and mean OOD AUROC are not asserted better than the deterministic
-    # model's: on these digits that depends on the fine-tuning seed (measured, see examples/demo.py).
+def test_full_demo_bayesian_model_is_better_calibrated_and_detects_out_of_distribution_better(tmp_path):
+    # The claim, on the demo's default settings (seed 0): the README reports these figures.
     result = demo.main(str(tmp_path))
     deterministic, bayesian = result["deterministic"], result["Bayesian"]
-    assert deterministic["accuracy"] > 0.99
+    assert deterministic["accuracy"] > 0.95  # 10% of the training labels are wrong
     assert abs(bayesian["accuracy"] - deterministic["accuracy"]) <= 0.01
-    assert bayesian["ECE"] < 0.02
+    assert bayesian["ECE"] < deterministic["ECE"]
+    assert bayesian["AUROC mean OOD"] > deterministic["AUROC mean OOD"]
+    assert bayesian["NLL"] < deterministic["NLL"]
     if not math.isnan(bayesian["confidence wrong"]):  # NaN: no wrong prediction at all
         assert bayesian["confidence wrong"] < bayesian["confidence right"]
     for metrics in result.values():
-        assert all(metrics[f"AUROC {name}"] > 0.9 for name in ["noise", "rotated", "inverted", "unseen 9s"])
+        assert metrics["AUROC mean OOD"] > 0.8
+
+
+def test_noisy_labels_flip_the_given_fraction_to_other_classes():
+    y = torch.arange(1000) % demo.N_CLASSES
+    noisy = demo.noisy_labels(y, 0.1, seed=0)
+    changed = noisy != y
+    assert changed.sum().item() == 100
+    assert noisy.min().item() >= 0 and noisy.max().item() < demo.N_CLASSES
+    assert torch.equal(demo.noisy_labels(y, 0.1, seed=0), noisy)  # reproducible
+    assert not torch.equal(demo.noisy_labels(y, 0.1, seed=1), noisy)
+    # the wrong labels are spread over all the other classes
+    assert len(set(zip(y[changed].tolist(), noisy[changed].tolist()))) > demo.N_CLASSES * (demo.N_CLASSES - 1) // 2
+
+
+def test_fit_with_frozen_batch_norm_keeps_running_statistics_and_decays_the_learning_rate():
+    torch.manual_seed(0)
+    model = demo.SmallResNet(width=4)
+    x, y = torch.rand(70, 1, 16, 16), torch.randint(0, demo.N_CLASSES, (70,))
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    weights = model.head.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    demo.fit(model, nn.CrossEntropyLoss(), optimizer, x, y, epochs=2, desc="test", freeze_batch_norm=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    assert not torch.equal(model.head.weight, weights)  # the rest trained
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0 at the end
+    demo.fit(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), x, y, epochs=1, desc="test")
+    assert not torch.equal(model.state_dict()["stem.1.running_mean"], stats["stem.1.running_mean"])

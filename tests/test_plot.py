@@ -12,6 +12,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
+import vinn
 from vinn.plot import (
     confidence_histograms,
     image_grid,
@@ -39,6 +40,12 @@ def test_reliability_diagram_has_one_panel_per_model_with_ece_in_title(probs_and
     assert len(right.patches) == 2 * filled_bins  # accuracy and gap bar per non-empty bin
     figure.savefig(tmp_path / "reliability.png")
     assert (tmp_path / "reliability.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_reliability_diagram_titles_agree_with_the_ece_metric_by_default(probs_and_labels):
+    probs, labels = probs_and_labels
+    (axis,) = reliability_diagram({"m": probs}, labels).axes
+    assert axis.get_title() == f"m: ECE {vinn.expected_calibration_error(probs, labels):.3f}"
 
 
 def test_confidence_histograms_one_panel_or_one_per_model():

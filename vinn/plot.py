@@ -61,14 +61,15 @@ def _non_empty_mapping(x: object, name: str) -> Mapping:
     return x
 
 
-def reliability_diagram(probs_by_model: Mapping[str, object], labels: object, n_bins: int = 10) -> Figure:
+def reliability_diagram(probs_by_model: Mapping[str, object], labels: object, n_bins: int = 15) -> Figure:
     """One reliability diagram per model, side by side: accuracy against confidence in each bin.
 
     ``probs_by_model``: ``{model name: probs}``, each ``(N, C)`` predictive probabilities or
     ``(T, N, C)`` Monte Carlo samples (averaged over ``T``). ``labels``: ``(N,)`` class indices.
     Confidence is the max probability, in ``n_bins`` equal-width bins; bars show each bin's
     accuracy, the red part the gap to perfect calibration (the diagonal). Each title gives the
-    model's expected calibration error (`vinn.expected_calibration_error` with these bins).
+    model's expected calibration error (`vinn.expected_calibration_error` with these bins; the
+    default is the metric's, so the titles agree with it).
     """
     from .uncertainty import expected_calibration_error
 
