@@ -9,6 +9,7 @@ import torch
 from torch.distributions import Categorical, Cauchy, Laplace, MixtureSameFamily, Normal, StudentT, kl_divergence
 
 import vinn
+from vinn.distributions import MAX_SCALE, MIN_SCALE, normal_kl
 
 
 def scale_mixture(pi=0.25, sigma1=1.0, sigma2=math.exp(-6)):
@@ -82,3 +83,27 @@ def test_kl_gradients_reach_loc_and_scale(posterior, prior):
     for name in ("weight", "weight_log_sigma2", "bias", "bias_log_sigma2"):
         grad = getattr(layer, name).grad
         assert grad is not None and grad.isfinite().all() and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("prior_loc, prior_scale", [(0.0, 1.0), (0.3, 2.0), ("elementwise", "elementwise")])
+def test_normal_kl_gradient_in_closed_form_equals_autograd_through_kl_divergence(prior_loc, prior_scale):
+    generator = torch.Generator().manual_seed(0)
+    loc = torch.randn(4, 5, dtype=torch.float64, generator=generator).requires_grad_()
+    log_sigma2 = (torch.randn(4, 5, dtype=torch.float64, generator=generator) - 3).requires_grad_()
+    if prior_loc == "elementwise":
+        prior_loc, prior_scale = torch.randn(4, 5, dtype=torch.float64, generator=generator), torch.rand(4, 5, dtype=torch.float64, generator=generator) + 0.5
+    prior = Normal(torch.as_tensor(prior_loc, dtype=torch.float64), torch.as_tensor(prior_scale, dtype=torch.float64))
+    got = normal_kl(loc, log_sigma2, prior.loc, prior.scale)
+    want = kl_divergence(Normal(loc, (0.5 * log_sigma2).exp()), prior.expand(loc.shape)).sum()
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, [loc, log_sigma2]), torch.autograd.grad(want, [loc, log_sigma2])):
+        torch.testing.assert_close(g, w)
+    assert torch.autograd.gradcheck(lambda m, s: normal_kl(m, s, prior.loc, prior.scale), (loc, log_sigma2))
+
+
+def test_normal_kl_gradient_is_straight_through_past_the_scale_bounds():
+    # σ² is clamped to [MIN_SCALE², MAX_SCALE²]; the gradient of log σ² keeps pulling it back inside
+    log_sigma2 = torch.tensor([-100.0, 100.0], dtype=torch.float64, requires_grad=True)
+    normal_kl(torch.zeros(2, dtype=torch.float64), log_sigma2, torch.tensor(0.0), torch.tensor(1.0)).backward()
+    torch.testing.assert_close(log_sigma2.grad, 0.5 * (torch.tensor([MIN_SCALE, MAX_SCALE], dtype=torch.float64) ** 2 - 1))
+    assert log_sigma2.grad[0] < 0 < log_sigma2.grad[1]
