@@ -79,6 +79,28 @@ def deterministic_passes(model: nn.Module, x: torch.Tensor, passes: int) -> Call
     return run
 
 
+class TwoPass(nn.Module):
+    """Two copies of a layer, summed: the arithmetic, parameters and Adam state of an exact two-pass
+    estimator (mean and variance), without its sampling. A floor, not a model anyone trains."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = layer, copy.deepcopy(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(x) + self.second(x)
+
+
+def two_pass(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose every Conv2d and Linear is a `TwoPass`."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) in (nn.Conv2d, nn.Linear):
+                setattr(parent, name, TwoPass(child))
+    return model
+
+
 def numel(model: nn.Module) -> int:
     return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
 
@@ -92,15 +114,17 @@ def bench_training(device: torch.device, repeats: int, batch: int) -> list[tuple
     det = resnet18(device).train()
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    fns = {"deterministic": train_step(det, x, y, bayesian=False)}
+    fns = {"deterministic": train_step(det, x, y, bayesian=False), "two passes": train_step(two_pass(det), x, y, bayesian=False)}
     for estimator in ESTIMATORS:
         bnn = vinn.bayesify(det, config=vinn.BayesConfig().set_global(vinn.LayerSpec(estimator=estimator))).train()
         fns[estimator] = train_step(bnn, x, y, bayesian=True)
     medians = interleaved_medians(fns, repeats, device)
-    return [
+    rows = [
         (f"train step, bayesify(resnet18), {estimator}, batch {batch}", medians[estimator] / medians["deterministic"])
         for estimator in ESTIMATORS
     ]
+    floor = f"floor: train step, resnet18 with every conv and linear computed twice (no sampling), batch {batch}"
+    return rows + [(floor, medians["two passes"] / medians["deterministic"])]
 
 
 def bench_compile(device: torch.device, repeats: int, batch: int) -> list[tuple[str, float]]:
@@ -128,18 +152,27 @@ def bench_prediction(device: torch.device, repeats: int, batch: int, samples: in
     torch.manual_seed(0)
     det = resnet18(device).eval()
     x = torch.randn(batch, 3, 32, 32, device=device)
+    folded = x.repeat(samples, 1, 1, 1)
     full = vinn.bayesify(det).eval()
     last = vinn.bayesify(det, last=1).eval()
+    doubled = two_pass(det).eval()
+    weights = sum(p.numel() for p in det.parameters())
     fns = {
         "deterministic": deterministic_passes(det, x, samples),
         "full": lambda: vinn.predict(full, x, samples=samples),
         "last": lambda: vinn.predict(last, x, samples=samples),
+        "two passes": deterministic_passes(doubled, folded, 1),
+        "weight draws": lambda: torch.randn(samples * weights, device=device),
     }
     medians = interleaved_medians(fns, repeats, device)
     reference = f"{samples} deterministic passes"
     return [
         (f"vinn.predict, bayesify(resnet18), T={samples}, batch {batch} / {reference}", medians["full"] / medians["deterministic"]),
         (f"vinn.predict, last layer Bayesian, T={samples}, batch {batch} / {reference}", medians["last"] / medians["deterministic"]),
+        (f"floor: one pass of resnet18 with every conv and linear computed twice on the folded batch of {samples}x{batch} / {reference}",
+         medians["two passes"] / medians["deterministic"]),
+        (f"floor: drawing {samples} weight sets of resnet18 (torch.randn, {samples} x {weights / 1e6:.1f}M normals) / {reference}",
+         medians["weight draws"] / medians["deterministic"]),
     ]
 
 

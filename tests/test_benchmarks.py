@@ -1,0 +1,40 @@
+"""The benchmark script runs, and its floor model is what it claims to be."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("vinn_benchmarks_run", ROOT / "benchmarks" / "run.py")
+run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run)
+
+
+def test_two_pass_floor_doubles_every_conv_and_linear_and_their_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    doubled = run.two_pass(model)
+    assert sum(p.numel() for p in doubled.parameters()) == 2 * sum(p.numel() for p in model.parameters())
+    assert all(isinstance(doubled[i], run.TwoPass) for i in (0, 3)) and isinstance(model[0], nn.Conv2d)  # a copy
+    x = torch.randn(5, 1, 4, 4)
+    # both copies start equal: each layer computes 2 * layer(x)
+    torch.testing.assert_close(doubled(x), 2 * model[3](model[2](model[1](2 * model[0](x)))))
+
+
+@pytest.mark.slow
+def test_benchmark_command_prints_every_row():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-compile"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.endswith("× |")]
+    assert len(rows) == 13, result.stdout
+    assert any(row.startswith("| floor: train step") for row in rows)
+    assert sum(row.startswith("| floor: ") for row in rows) == 3
