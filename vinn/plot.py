@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import Tensor
 
+from .uncertainty import ECE_BINS, expected_calibration_error
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -61,7 +63,7 @@ def _non_empty_mapping(x: object, name: str) -> Mapping:
     return x
 
 
-def reliability_diagram(probs_by_model: Mapping[str, object], labels: object, n_bins: int = 15) -> Figure:
+def reliability_diagram(probs_by_model: Mapping[str, object], labels: object, n_bins: int = ECE_BINS) -> Figure:
     """One reliability diagram per model, side by side: accuracy against confidence in each bin.
 
     ``probs_by_model``: ``{model name: probs}``, each ``(N, C)`` predictive probabilities or
@@ -71,8 +73,6 @@ def reliability_diagram(probs_by_model: Mapping[str, object], labels: object, n_
     model's expected calibration error (`vinn.expected_calibration_error` with these bins; the
     default is the metric's, so the titles agree with it).
     """
-    from .uncertainty import expected_calibration_error
-
     _non_empty_mapping(probs_by_model, "probs_by_model")
     _check_positive_int(n_bins, "n_bins")
     labels = _array(labels, "labels", (1,))

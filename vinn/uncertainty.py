@@ -152,7 +152,11 @@ def _mean_probabilities_and_labels(probs: object, labels: object) -> tuple[Tenso
     return t.detach(), y  # metrics are returned as floats: no graph to keep
 
 
-def expected_calibration_error(probs: Array, labels: Array, n_bins: int = 15) -> float:
+# Guo et al. 2017's choice; the reliability diagram (vinn.plot) bins the same way by default
+ECE_BINS = 15
+
+
+def expected_calibration_error(probs: Array, labels: Array, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error ``Σ_b (n_b / N) |acc_b - conf_b|`` (Guo et al. 2017).
 
     Confidence is the max probability, grouped into ``n_bins`` equal-width bins
