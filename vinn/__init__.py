@@ -5,7 +5,6 @@ from .convert import (
     ConversionReport,
     LayerReport,
     LayerSpec,
-    PretrainedPrior,
     bayesify,
     to_deterministic,
 )
@@ -24,7 +23,9 @@ from .layers import (
     RelativeScale,
 )
 from .module import Module, kl
+from .optim import SCALE_LR_RATIO, param_groups
 from .predict import predict, sample
+from .priors import EmpiricalBayesPrior, FanInPrior, PretrainedPrior, PriorSpec
 from .sampling import deterministic
 from .uncertainty import (
     auroc,
@@ -50,6 +51,8 @@ __all__ = [
     "ConvTranspose3d",
     "ConversionReport",
     "ELBO",
+    "EmpiricalBayesPrior",
+    "FanInPrior",
     "LayerReport",
     "LayerSpec",
     "Linear",
@@ -57,7 +60,9 @@ __all__ = [
     "MIN_SCALE",
     "Module",
     "PretrainedPrior",
+    "PriorSpec",
     "RelativeScale",
+    "SCALE_LR_RATIO",
     "auroc",
     "bayesify",
     "brier_score",
@@ -66,6 +71,7 @@ __all__ = [
     "expected_calibration_error",
     "kl",
     "mutual_information",
+    "param_groups",
     "predict",
     "predictive_entropy",
     "regression_uncertainty",

@@ -48,7 +48,8 @@ from ..layers import (
     Linear,
 )
 from ..module import Module
-from .config import CONVERTED_INIT_SCALE, SUPPORTED_TYPES, BayesConfig, LayerSpec, PretrainedPrior
+from ..priors import PriorSpec
+from .config import CONVERTED_INIT_SCALE, SUPPORTED_TYPES, BayesConfig, LayerSpec
 from .models import BayesianGraphModule, bayesian_subclass, user_class
 from .report import ConversionReport, LayerReport
 
@@ -116,7 +117,7 @@ def bayesify(
     config: BayesConfig | None = None,
     *,
     posterior: PosteriorFamily = Normal,
-    prior: Distribution | PretrainedPrior = _DEFAULT_PRIOR,
+    prior: Distribution | PriorSpec = _DEFAULT_PRIOR,
     init_scale: InitScale = CONVERTED_INIT_SCALE,
     estimator: str | None = None,
     last: int | None = None,
@@ -146,7 +147,8 @@ def bayesify(
             becomes Bayesian with ``LayerSpec(posterior, prior, init_scale, estimator)``; with it,
             leave those four keywords out and put them in the config's `LayerSpec` objects.
         posterior: the posterior family, a ``torch.distributions`` class built from loc and scale.
-        prior: a distribution instance, or `PretrainedPrior` (centred on the pretrained weights).
+        prior: a distribution instance, or a vinn prior: `PretrainedPrior` (centred on the
+            pretrained weights), `EmpiricalBayesPrior` (scale learned), `FanInPrior`.
         init_scale: the initial posterior scale: a float, or a callable loc -> scale tensor such
             as ``vinn.RelativeScale(0.1, floor=1e-4)`` (MOPED).
         estimator: how the forward pass samples (``"lrt"``, ``"flipout"``, ``"sample"``; None: the
@@ -429,7 +431,7 @@ def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
         return _VINN_LAYERS[type(layer)].from_torch(
             layer,
             posterior=spec.posterior,
-            prior=spec.layer_prior(layer),
+            prior=spec.prior,
             init_scale=spec.init_scale,
             estimator=spec.estimator,
         )
