@@ -167,7 +167,8 @@ class BayesianLayer(nn.Module):
             else:
                 posterior = self._posterior(name)
                 second_moment = posterior.variance + (posterior.mean - prior_loc).square()
-            self._buffers[f"{name}_prior_scale"].copy_(source.fitted_scale(self, name, second_moment))
+            scale = self._buffers[f"{name}_prior_scale"]  # compact: one number where the group is the layer
+            scale.copy_(source.fitted_scale(self, name, second_moment).reshape(scale.shape))
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         self._check_state(state_dict, prefix)
@@ -556,9 +557,12 @@ class RelativeScale:
     """
 
     def __init__(self, factor: float = 0.1, floor: float = 1e-4) -> None:
-        if not factor > 0 or not floor > MIN_SCALE:
-            raise ValueError(f"RelativeScale needs factor > 0 and floor > {MIN_SCALE}, got {factor}, {floor}")
-        self.factor, self.floor = factor, floor
+        for name, value, low in (("factor", factor, 0.0), ("floor", floor, MIN_SCALE)):
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"RelativeScale {name} must be a float, got {type(value).__name__}")
+            if not low < value < MAX_SCALE:
+                raise ValueError(f"RelativeScale {name} must be in ({low}, {MAX_SCALE}), got {value!r}")
+        self.factor, self.floor = float(factor), float(floor)
 
     def __call__(self, loc: Tensor) -> Tensor:
         return (self.factor * loc.abs()).clamp_min(self.floor)
