@@ -21,6 +21,8 @@ from .layers import (
     ConvTranspose3d,
     Linear,
     RelativeScale,
+    layer_types,
+    register_layer,
 )
 from .module import Module, kl
 from .optim import SCALE_LR_RATIO, param_groups
@@ -70,10 +72,12 @@ __all__ = [
     "deterministic",
     "expected_calibration_error",
     "kl",
+    "layer_types",
     "mutual_information",
     "param_groups",
     "predict",
     "predictive_entropy",
+    "register_layer",
     "regression_uncertainty",
     "sample",
     "to_deterministic",

@@ -60,6 +60,11 @@ def _default_prior() -> Distribution:
     return Normal(0.0, 1.0)
 
 
+# torch layer type -> the vinn layer type `vinn.bayesify` turns it into: the one list of what is
+# supported, filled by `register_layer` (every built-in layer below, and a user's own).
+_REGISTRY: dict[type[nn.Module], type[BayesianLayer]] = {}
+
+
 class BayesianLayer(nn.Module):
     """Base of every vinn layer: posterior, prior, sampling and KL for its random parameters.
 
@@ -76,7 +81,10 @@ class BayesianLayer(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        torch_bases = [b for b in cls.__mro__ if b.__module__.startswith("torch.nn") and b is not nn.Module]
+        # the layer it is a Bayesian version of: its first base that is a module but no vinn layer
+        torch_bases = [
+            b for b in cls.__mro__[1:] if issubclass(b, nn.Module) and not issubclass(b, BayesianLayer) and b is not nn.Module
+        ]
         if torch_bases:
             cls._torch_cls = torch_bases[0]
             signature = inspect.signature(cls._torch_cls.__init__)
@@ -421,6 +429,35 @@ def _check_estimator(estimator: str | None, posterior: PosteriorFamily) -> str:
     return estimator
 
 
+def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
+    """Make `vinn.bayesify` turn every module of exactly ``layer_type``'s torch layer into a ``layer_type``.
+
+    ``layer_type`` subclasses `BayesianLayer` and the torch layer (first the former), and
+    implements ``_op(input, weight, bias)``; usable as a class decorator::
+
+        @vinn.register_layer
+        class Bilinear(vinn.BayesianLayer, my_package.MyLinear):
+            def _op(self, input, weight, bias):
+                return my_package.my_linear(input, weight, bias)
+
+    A later registration for the same torch layer replaces the earlier one. Returns ``layer_type``.
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, BayesianLayer)):
+        raise TypeError(f"layer_type must be a subclass of vinn.BayesianLayer, got {layer_type!r}")
+    if "_torch_cls" not in vars(layer_type):
+        raise TypeError(
+            f"{layer_type.__name__} has no torch layer among its bases: declare it as "
+            f"class {layer_type.__name__}(vinn.BayesianLayer, TorchLayer)"
+        )
+    _REGISTRY[layer_type._torch_cls] = layer_type
+    return layer_type
+
+
+def layer_types() -> dict[type[nn.Module], type[BayesianLayer]]:
+    """``{torch layer type: vinn layer type}`` for every type `vinn.bayesify` converts (a copy)."""
+    return dict(_REGISTRY)
+
+
 def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> Tensor:
     """log σ² for every element of the parameter ``name`` (loc ``loc``) from ``init_scale``, checked."""
     if not callable(init_scale):  # a float, checked by _check_init_scale
@@ -487,6 +524,7 @@ def _split_prior(prior: Distribution | Mapping[str, Distribution] | PriorSpec, l
     return priors
 
 
+@register_layer
 class Linear(BayesianLayer, nn.Linear):
     """Bayesian `torch.nn.Linear`: y = x Wᵀ + b with W, b drawn from the posterior.
 
@@ -506,14 +544,17 @@ class _ConvNd(BayesianLayer):
         return self._conv_forward(input, weight, bias)
 
 
+@register_layer
 class Conv1d(_ConvNd, nn.Conv1d):
     """Bayesian `torch.nn.Conv1d`; arguments as torch.nn.Conv1d plus ``posterior``, ``prior``, ``init_scale``."""
 
 
+@register_layer
 class Conv2d(_ConvNd, nn.Conv2d):
     """Bayesian `torch.nn.Conv2d`; arguments as torch.nn.Conv2d plus ``posterior``, ``prior``, ``init_scale``."""
 
 
+@register_layer
 class Conv3d(_ConvNd, nn.Conv3d):
     """Bayesian `torch.nn.Conv3d`; arguments as torch.nn.Conv3d plus ``posterior``, ``prior``, ``init_scale``."""
 
@@ -531,18 +572,21 @@ class _ConvTransposeNd(BayesianLayer):
         )
 
 
+@register_layer
 class ConvTranspose1d(_ConvTransposeNd, nn.ConvTranspose1d):
     """Bayesian `torch.nn.ConvTranspose1d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
     _functional = F.conv_transpose1d
 
 
+@register_layer
 class ConvTranspose2d(_ConvTransposeNd, nn.ConvTranspose2d):
     """Bayesian `torch.nn.ConvTranspose2d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
     _functional = F.conv_transpose2d
 
 
+@register_layer
 class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
     """Bayesian `torch.nn.ConvTranspose3d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 

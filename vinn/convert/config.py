@@ -15,20 +15,8 @@ from torch import nn
 from torch.distributions import Distribution, Normal
 
 from ..distributions import PosteriorFamily, check_posterior
-from ..layers import InitScale, _check_estimator, _check_init_scale, _check_prior_argument, _default_prior
+from ..layers import InitScale, _check_estimator, _check_init_scale, _check_prior_argument, _default_prior, layer_types
 from ..priors import PriorSpec
-
-# The torch.nn layers that have a vinn counterpart. Only these exact types are converted.
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-
 
 # Starting from a pretrained network, the posterior scale starts an order of magnitude below a
 # fresh vinn layer's (vinn.layers.DEFAULT_INIT_SCALE): the converted model's samples stay close to
@@ -74,6 +62,11 @@ class LayerSpec:
         _check_estimator(self.estimator, self.posterior)
 
 
+def layer_type_name(layer_type: type) -> str:
+    """``nn.Linear`` for a torch.nn layer type, the bare class name for any other."""
+    return f"nn.{layer_type.__name__}" if layer_type.__module__.startswith("torch.nn") else layer_type.__name__
+
+
 def _check_spec(spec: object) -> None:
     if spec is not None and not isinstance(spec, LayerSpec):
         raise TypeError(f"spec must be a vinn.LayerSpec or None (keep deterministic), got {type(spec).__name__}")
@@ -113,9 +106,10 @@ class BayesConfig:
         """The spec of every layer of exactly ``module_type`` (``nn.Linear``, ``nn.Conv2d``, ...)."""
         if not isinstance(module_type, type):
             raise TypeError(f"module_type must be a torch.nn layer class, got {type(module_type).__name__}")
-        if module_type not in SUPPORTED_TYPES:
-            names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_TYPES)
-            raise ValueError(f"module_type must be one of {names}; got {module_type.__name__}")
+        supported = layer_types()
+        if module_type not in supported:
+            names = ", ".join(map(layer_type_name, supported))
+            raise ValueError(f"module_type must be a layer type vinn converts ({names}; see vinn.register_layer), got {module_type.__name__}")
         _check_spec(spec)
         self._by_type[module_type] = spec
         return self
