@@ -45,6 +45,7 @@ def test_built_in_types_are_registered():
         nn.ConvTranspose1d: vinn.ConvTranspose1d,
         nn.ConvTranspose2d: vinn.ConvTranspose2d,
         nn.ConvTranspose3d: vinn.ConvTranspose3d,
+        nn.Embedding: vinn.Embedding,
     }
     vinn.layer_types().clear()  # a copy: the registry stays
     assert nn.Linear in vinn.layer_types()

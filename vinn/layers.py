@@ -78,6 +78,7 @@ class BayesianLayer(nn.Module):
     _torch_cls: ClassVar[type[nn.Module]]
     parameter_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
     output_dim: ClassVar[int] = 0
+    estimators: ClassVar[tuple[str, ...]] = ESTIMATORS  # flipout needs an op linear in its input
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -118,6 +119,8 @@ class BayesianLayer(nn.Module):
         self.posterior = posterior
         self.init_scale = init_scale
         self.estimator = _check_estimator(estimator, posterior)
+        if self.estimator not in self.estimators:
+            raise ValueError(f"estimator must be one of {self.estimators} for a {type(self).__name__}, got {self.estimator!r}")
         self._prior_source = _default_prior() if prior is None else prior
         for name in self.parameter_names:
             loc = getattr(self, name)
@@ -321,24 +324,29 @@ class BayesianLayer(nn.Module):
           ``Δw = w - loc``, decorrelated across examples by random signs on the input and output
           features. Two passes.
         """
+        locs = [getattr(self, name) for name in self.parameter_names]
         if not sampling_enabled():
-            return self._op(input, self.weight, self.bias, *args, **kwargs)
+            return self._op(input, *locs, *args, **kwargs)
         if self.estimator == "lrt":
-            mean = self._op(input, self.weight, self.bias, *args, **kwargs)
-            var = self._op(input.square(), self._sigma2("weight"), self._sigma2("bias"), *args, **kwargs)
+            mean = self._op(input, *locs, *args, **kwargs)
+            var = self._variance(input, *args, **kwargs)
             # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
             tiny = torch.finfo(var.dtype).tiny
             if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
                 return var.clamp_min_(tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
             return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
         if self.estimator == "flipout":
-            mean = self._op(input, self.weight, self.bias, *args, **kwargs)
-            delta = {name: self._perturbation(name) for name in self.parameter_names}
-            flipped = self._op(input * self._random_signs(input), delta["weight"], delta["bias"], *args, **kwargs)
+            mean = self._op(input, *locs, *args, **kwargs)
+            deltas = [self._perturbation(name) for name in self.parameter_names]
+            flipped = self._op(input * self._random_signs(input), *deltas, *args, **kwargs)
             return mean + flipped * self._random_signs(mean)
-        bias_posterior = self.bias_posterior
-        bias = None if bias_posterior is None else bias_posterior.rsample()
-        return self._op(input, self.weight_posterior.rsample(), bias, *args, **kwargs)
+        draws = [None if (q := self._posterior(name)) is None else q.rsample() for name in self.parameter_names]
+        return self._op(input, *draws, *args, **kwargs)
+
+    def _variance(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The variance of every output element under the posterior, for local reparameterization:
+        ``op(x², σ_w², σ_b²)``, exact for an op linear in its input and in its weights."""
+        return self._op(input.square(), *(self._sigma2(name) for name in self.parameter_names), *args, **kwargs)
 
     def _perturbation(self, name: str) -> Tensor | None:
         """A draw of w - loc: the posterior family centred at 0."""
@@ -357,9 +365,12 @@ class BayesianLayer(nn.Module):
     @classmethod
     def _config(cls, module: nn.Module) -> dict[str, Any]:
         """The constructor arguments that rebuild ``module``'s configuration (torch.nn names)."""
-        names = [n for n in inspect.signature(cls._torch_cls.__init__).parameters if n not in ("self", "device", "dtype")]
+        # the constructor's public arguments: private ones (nn.Embedding's _weight) only set initial state
+        names = [n for n in inspect.signature(cls._torch_cls.__init__).parameters if n not in ("self", "device", "dtype") and not n.startswith("_")]
         config = {name: getattr(module, name) for name in names if name != "bias"}
-        config.update(bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
+        if "bias" in names:
+            config["bias"] = module.bias is not None
+        config.update(device=module.weight.device, dtype=module.weight.dtype)
         return config
 
     @classmethod
@@ -591,6 +602,35 @@ class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
     """Bayesian `torch.nn.ConvTranspose3d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
     _functional = F.conv_transpose3d
+
+
+@register_layer
+class Embedding(BayesianLayer, nn.Embedding):
+    """Bayesian `torch.nn.Embedding`: every token's vector drawn from the posterior, fresh noise per token.
+
+    Input (*) integer indices, output (*, embedding_dim). Arguments as torch.nn.Embedding
+    (``padding_idx``, ``max_norm``, ``norm_type``, ``scale_grad_by_freq``, ``sparse``), plus
+    ``posterior``, ``prior``, ``init_scale``, ``estimator`` (``"lrt"``, the default for Normal, or
+    ``"sample"``: a lookup has no input features to flip). A lookup is a product with a one-hot
+    input, so local reparameterization is exact per token: every token of every sequence gets its
+    own noise on the looked-up row. The padding index's vector is its loc, without noise;
+    ``max_norm`` renormalizes the looked-up locs (in place, as torch.nn does) or the drawn rows.
+    """
+
+    parameter_names = ("weight",)
+    output_dim = 1  # weight (num_embeddings, embedding_dim): the output units are the features
+    estimators = ("lrt", "sample")
+
+    def _op(self, input: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(input, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    def _variance(self, input: Tensor) -> Tensor:
+        # the looked-up rows of σ²: exp on those rows alone, not on the whole vocabulary
+        log_sigma2 = F.embedding(input, self.weight_log_sigma2, None, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        variance = sigma2(log_sigma2)
+        if self.padding_idx is not None:
+            variance = variance.masked_fill((input == self.padding_idx).unsqueeze(-1), 0.0)
+        return variance
 
 
 class RelativeScale:

@@ -289,7 +289,8 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
 
 
 def _module_candidate(name: str, module: nn.Module, order: int, reason: str | None) -> _Candidate:
-    parameters = _numel(p for p in (module.weight, module.bias) if p is not None)
+    vinn_type = next(layer for t, layer in layer_types().items() if isinstance(module, t))
+    parameters = _numel(p for n in vinn_type.parameter_names if (p := getattr(module, n, None)) is not None)
     return _Candidate(name, type(module).__name__, parameters, order, reason, layer=module)
 
 
