@@ -11,8 +11,10 @@ The concrete layers only say which functional op they compute.
 from __future__ import annotations
 
 import contextvars
+import importlib
 import inspect
 import math
+import sys
 from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any, ClassVar
@@ -129,6 +131,11 @@ class BayesianLayer(nn.Module):
         if not _skip_initialisation.get():
             self._register_priors()
             self.reset_scale()
+
+    @property
+    def fan_in(self) -> int:
+        """How many weights feed each output unit: the weight's elements per index of ``output_dim``."""
+        return self.weight.numel() // self.weight.shape[self.output_dim]
 
     def random_parameters(self) -> dict[str, Tensor]:
         """The posterior loc of every random parameter the layer has (``bias=False``: no ``"bias"``), by name."""
@@ -370,7 +377,8 @@ class BayesianLayer(nn.Module):
         config = {name: getattr(module, name) for name in names if name != "bias"}
         if "bias" in names:
             config["bias"] = module.bias is not None
-        config.update(device=module.weight.device, dtype=module.weight.dtype)
+        if "device" in inspect.signature(cls._torch_cls.__init__).parameters:
+            config.update(device=module.weight.device, dtype=module.weight.dtype)
         return config
 
     @classmethod
@@ -395,6 +403,7 @@ class BayesianLayer(nn.Module):
             layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
         finally:
             _skip_initialisation.reset(token)
+        layer.to(device=module.weight.device, dtype=module.weight.dtype)  # for a torch layer built without them
         with torch.no_grad():
             for name, loc in layer.random_parameters().items():
                 loc.copy_(getattr(module, name))
@@ -405,7 +414,7 @@ class BayesianLayer(nn.Module):
 
     def to_torch(self) -> nn.Module:
         """The torch.nn counterpart with this layer's configuration, holding the posterior loc."""
-        module = self._torch_cls(**self._config(self))
+        module = self._torch_cls(**self._config(self)).to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             for name, loc in self.random_parameters().items():
                 getattr(module, name).copy_(loc)
@@ -465,7 +474,13 @@ def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
 
 
 def layer_types() -> dict[type[nn.Module], type[BayesianLayer]]:
-    """``{torch layer type: vinn layer type}`` for every type `vinn.bayesify` converts (a copy)."""
+    """``{torch layer type: vinn layer type}`` for every type `vinn.bayesify` converts (a copy).
+
+    Types of other libraries are registered once their library is imported (transformers'
+    ``Conv1D``, see `vinn.huggingface`): vinn never imports them itself.
+    """
+    if "transformers" in sys.modules:
+        importlib.import_module("vinn.huggingface")
     return dict(_REGISTRY)
 
 
@@ -620,6 +635,7 @@ class Embedding(BayesianLayer, nn.Embedding):
     parameter_names = ("weight",)
     output_dim = 1  # weight (num_embeddings, embedding_dim): the output units are the features
     estimators = ("lrt", "sample")
+    fan_in = 1  # a lookup reads one row
 
     def _op(self, input: Tensor, weight: Tensor) -> Tensor:
         return F.embedding(input, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)

@@ -89,8 +89,9 @@ class PretrainedPrior(PriorSpec):
 class FanInPrior(PriorSpec):
     """Normal prior ``N(0, gain² / fan_in)``, the scale of the usual weight initialisations.
 
-    ``fan_in`` as torch's initialisers count it (``in_features`` for a Linear,
-    ``in_channels / groups * prod(kernel_size)`` for a convolution). Unlike ``N(0, 1)``, whose scale
+    ``fan_in`` is the layer's number of weights feeding each output unit (`BayesianLayer.fan_in`:
+    ``in_features`` for a Linear, ``in_channels / groups * prod(kernel_size)`` for a convolution, 1
+    for an embedding, which looks up one row). Unlike ``N(0, 1)``, whose scale
     is far above that of any trained weight of a wide layer, it does not let the KL term inflate the
     posterior of every weight the data say little about.
     """
@@ -99,8 +100,7 @@ class FanInPrior(PriorSpec):
         self.gain = _check_positive(gain, "FanInPrior gain")
 
     def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
-        fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
-        scale = self.gain / math.sqrt(fan_in)
+        scale = self.gain / math.sqrt(layer.fan_in)
         return {name: Normal(0.0, scale) for name in layer.random_parameters()}
 
 
