@@ -26,6 +26,7 @@ from .layers import (
     register_layer,
 )
 from .module import Module, kl
+from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 from .optim import SCALE_LR_RATIO, param_groups
 from .predict import predict, sample
 from .priors import EmpiricalBayesPrior, FanInPrior, PretrainedPrior, PriorSpec
@@ -44,6 +45,9 @@ from .uncertainty import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
     "BayesConfig",
     "BayesianLayer",
     "Conv1d",
@@ -54,9 +58,11 @@ __all__ = [
     "ConvTranspose3d",
     "ConversionReport",
     "ELBO",
+    "GroupNorm",
     "Embedding",
     "EmpiricalBayesPrior",
     "FanInPrior",
+    "LayerNorm",
     "LayerReport",
     "LayerSpec",
     "Linear",
@@ -65,6 +71,7 @@ __all__ = [
     "Module",
     "PretrainedPrior",
     "PriorSpec",
+    "RMSNorm",
     "RelativeScale",
     "SCALE_LR_RATIO",
     "auroc",

@@ -81,6 +81,7 @@ class BayesianLayer(nn.Module):
     parameter_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
     output_dim: ClassVar[int] = 0
     estimators: ClassVar[tuple[str, ...]] = ESTIMATORS  # flipout needs an op linear in its input
+    converted_by_default: ClassVar[bool] = True  # False: bayesify converts it only where the config names it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -124,6 +125,8 @@ class BayesianLayer(nn.Module):
         if self.estimator not in self.estimators:
             raise ValueError(f"estimator must be one of {self.estimators} for a {type(self).__name__}, got {self.estimator!r}")
         self._prior_source = _default_prior() if prior is None else prior
+        if not self.random_parameters():
+            raise ValueError(f"this {type(self).__name__} has no {' or '.join(self.parameter_names)} to make Bayesian")
         for name in self.parameter_names:
             loc = getattr(self, name)
             log_sigma2 = None if loc is None else nn.Parameter(torch.empty_like(loc))
@@ -331,6 +334,7 @@ class BayesianLayer(nn.Module):
           ``Δw = w - loc``, decorrelated across examples by random signs on the input and output
           features. Two passes.
         """
+        input = self._linear_input(input)
         locs = [getattr(self, name) for name in self.parameter_names]
         if not sampling_enabled():
             return self._op(input, *locs, *args, **kwargs)
@@ -349,6 +353,11 @@ class BayesianLayer(nn.Module):
             return mean + flipped * self._random_signs(mean)
         draws = [None if (q := self._posterior(name)) is None else q.rsample() for name in self.parameter_names]
         return self._op(input, *draws, *args, **kwargs)
+
+    def _linear_input(self, input: Tensor) -> Tensor:
+        """What `_op` is linear in: the input itself, or for a normalization layer the normalized input
+        (computed once, then scaled and shifted by the sampled weights)."""
+        return input
 
     def _variance(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The variance of every output element under the posterior, for local reparameterization:

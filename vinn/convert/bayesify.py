@@ -305,7 +305,10 @@ def _module_reason(name: str, module: nn.Module, leaves: Iterable[str], tied: di
     if type(module) not in supported:
         base = next(t for t in type(module).__mro__ if t in supported)
         return f"unsupported type {type(module).__name__} (subclass of {layer_type_name(base)}; exact types only)"
-    for attribute in ("weight", "bias"):
+    names = supported[type(module)].parameter_names
+    if all(getattr(module, attribute, None) is None for attribute in names):
+        return f"no {' or '.join(names)} to make Bayesian"
+    for attribute in names:
         also = tied.get(_qualified(name, attribute))
         if also is not None:
             return f"shared parameter (also {also})"
