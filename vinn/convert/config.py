@@ -126,9 +126,10 @@ class BayesConfig:
     def spec_for(self, name: str, module_type: type[nn.Module]) -> tuple[LayerSpec | None, str]:
         """The spec of the layer ``name`` of type ``module_type``, and the rule that chose it.
 
-        The rule is ``"global"``, ``"type Conv2d"`` or ``"name 'features.*'"``; the global spec does
-        not apply to the opt-in types (normalization layers: ``converted_by_default`` False), whose
-        rule is then ``"opt-in type"``.
+        The rule is ``"global"``, ``"type Conv2d"`` or ``"name 'features.*'"``. The global spec does
+        not apply to the opt-in types (normalization layers: ``converted_by_default`` False): they
+        are converted where a type or name rule matches them, and otherwise kept, the rule then
+        saying so.
         """
         for pattern in reversed(self._by_name):
             if fnmatch.fnmatchcase(name, pattern):
