@@ -381,12 +381,13 @@ class BayesianLayer(nn.Module):
     @classmethod
     def _config(cls, module: nn.Module) -> dict[str, Any]:
         """The constructor arguments that rebuild ``module``'s configuration (torch.nn names)."""
-        # the constructor's public arguments: private ones (nn.Embedding's _weight) only set initial state
-        names = [n for n in inspect.signature(cls._torch_cls.__init__).parameters if n not in ("self", "device", "dtype") and not n.startswith("_")]
+        arguments = inspect.signature(cls._torch_cls.__init__).parameters
+        # the public arguments: private ones (nn.Embedding's _weight) only set the initial state
+        names = [n for n in arguments if n not in ("self", "device", "dtype") and not n.startswith("_")]
         config = {name: getattr(module, name) for name in names if name != "bias"}
         if "bias" in names:
             config["bias"] = module.bias is not None
-        if "device" in inspect.signature(cls._torch_cls.__init__).parameters:
+        if "device" in arguments:
             config.update(device=module.weight.device, dtype=module.weight.dtype)
         return config
 
@@ -465,7 +466,7 @@ def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
     implements ``_op(input, weight, bias)``; usable as a class decorator::
 
         @vinn.register_layer
-        class Bilinear(vinn.BayesianLayer, my_package.MyLinear):
+        class BayesianMyLinear(vinn.BayesianLayer, my_package.MyLinear):
             def _op(self, input, weight, bias):
                 return my_package.my_linear(input, weight, bias)
 

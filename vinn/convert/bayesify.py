@@ -43,6 +43,7 @@ from .config import CONVERTED_INIT_SCALE, BayesConfig, LayerSpec, layer_type_nam
 from .models import BayesianGraphModule, bayesian_subclass, user_class
 from .report import ConversionReport, LayerReport
 
+
 class _Functional(NamedTuple):
     layer_type: type[nn.Module]  # the torch.nn layer that computes the same
     arguments: tuple[str, ...]  # the function's arguments, in positional order
