@@ -52,3 +52,15 @@ def test_bayesian_share_table_is_written_into_its_readme_block(tmp_path):
     assert "old" not in text and "| torchvision resnet18 | 11,689,512 | 11,679,912 | 100.0% | yes |" in text
     rows = [line for line in text.splitlines() if line.startswith("| torchvision") or line.startswith("| transformers")]
     assert len(rows) == 2 + 3 * ("transformers" in sys.modules)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["uci.py", "scale_learning.py"])
+def test_uci_quality_benchmarks_run_in_quick_mode(script, tmp_path):
+    out = tmp_path / "results.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality" / script), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    table = out.read_text()
+    assert "| boston |" in table or "| vinn (recipe) |" in table, result.stdout

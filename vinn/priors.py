@@ -121,6 +121,12 @@ class EmpiricalBayesPrior(PriorSpec):
     one dimension (a normalization layer's scale), always shares one scale per layer (a scale per
     element would fit each element alone: no prior at all).
     The posterior family must have a finite variance (Normal, Laplace, Gumbel; not Cauchy).
+
+    Measured caution: with a fitted scale, a layer whose weights all sit at the centre costs no KL
+    at all, so where the data are few and the posterior scales still small (early in training) the
+    ELBO can prefer that to fitting. On the UCI Boston benchmark (13-50-1 network, 455 examples,
+    ``init_scale`` 1e-2) the network collapsed to a constant prediction; the fixed N(0, 1) prior was
+    the better choice there (``benchmarks/quality/FINDINGS-uci.md``).
     """
 
     learned = True
