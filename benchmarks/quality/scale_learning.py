@@ -21,7 +21,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/quality/scale_learning.py --quick              # checks that it runs
 
 Prints a Markdown table and writes it to ``benchmarks/quality/results-scale-learning-<date>.md``
-(``--quick`` writes nothing unless ``--out`` is given).
+(``--quick`` writes nothing unless ``--out`` is given); with ``--readme README.md``,
+also into that file's ``scale-learning`` block.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, help="stop a run that has not converged by then (default: 1000)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default: 1)")
     parser.add_argument("--out", type=Path, help="results file (default: results-scale-learning-<date>.md here)")
+    parser.add_argument("--readme", type=Path, help="Markdown file whose scale-learning block gets the table (README.md)")
     args = parser.parse_args()
     ratios = args.ratios or ([1.0, 10.0] if args.quick else [1.0, 3.0, 10.0, 30.0, 100.0])
     splits = args.splits or (1 if args.quick else 2)
@@ -153,10 +155,7 @@ def main() -> None:
         "",
     ]  # fmt: skip
     report = "\n".join(lines)
-    print(report)
-    if out is not None:
-        out.write_text(report)
-        print(f"written to {out}")
+    uci.publish(report, out, args.readme, "scale-learning")
 
 
 if __name__ == "__main__":

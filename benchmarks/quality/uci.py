@@ -25,7 +25,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/quality/uci.py --epochs 40 --splits 5 --jobs 2
 
 Prints a Markdown table and writes it to ``benchmarks/quality/results-uci-<date>.md``
-(``--quick`` writes nothing unless ``--out`` is given).
+(``--quick`` writes nothing unless ``--out`` is given); with ``--readme README.md``,
+also into that file's ``uci`` block.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default: 1)")
     parser.add_argument("--out", type=Path, help="results file (default: results-uci-<date>.md here; none with --quick)")
+    parser.add_argument("--readme", type=Path, help="Markdown file whose uci block gets the table (README.md)")
     args = parser.parse_args()
     epochs = tuple(sorted(args.epochs or ([2, 4] if args.quick else [40, 400])))
     splits = args.splits or (2 if args.quick else 20)
@@ -187,10 +189,7 @@ def main() -> None:
         table(results, rows, epochs, args.datasets),
         "",
     ])  # fmt: skip
-    print(report)
-    if out is not None:
-        out.write_text(report)
-        print(f"written to {out}")
+    uci.publish(report, out, args.readme, "uci")
 
 
 if __name__ == "__main__":

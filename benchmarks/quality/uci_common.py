@@ -13,6 +13,7 @@ Used by ``uci.py`` (the benchmark table) and ``scale_learning.py`` (how fast pos
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ import torch
 from torch import Tensor, nn
 
 import vinn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from readme_blocks import rewrite_block  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "uci"
 DATASETS = ("boston", "wine")
@@ -220,3 +224,15 @@ def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
     array = np.asarray(values, dtype=np.float64)
     se = array.std(ddof=1) / math.sqrt(len(array)) if len(array) > 1 else 0.0
     return float(array.mean()), float(se)
+
+
+def publish(report: str, out: Path | None, readme: Path | None, block: str) -> None:
+    """Print ``report`` (a Markdown title line, then the text), write it to ``out``, and its text
+    without the title into the README block ``block`` of the Markdown file ``readme``."""
+    print(report)
+    if out is not None:
+        out.write_text(report)
+        print(f"written to {out}")
+    if readme is not None:
+        rewrite_block(readme, block, report.split("\n", 1)[1].strip())
+        print(f"written to the {block} block of {readme}")
