@@ -24,7 +24,7 @@ from .layers import (
     RelativeScale,
 )
 from .module import Module, kl
-from .predict import predict, sample
+from .prediction import predict, sample
 from .sampling import deterministic
 from .uncertainty import (
     auroc,

@@ -28,7 +28,7 @@ def describe(value: object) -> str:
         return f"{type(value).__name__} of shape {tuple(shape)} and dtype {value.dtype}"  # type: ignore[attr-defined]
     if isinstance(value, type):
         return f"the class {value.__module__}.{value.__qualname__}"
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line
     if len(text) > _REPR_LIMIT:
         text = text[: _REPR_LIMIT - 3] + "..."
     if value is None or isinstance(value, (numbers.Number, str, bytes)):
