@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -47,6 +47,7 @@ from ..layers import (
     InitScale,
     Linear,
 )
+from .. import validation
 from ..module import Module
 from .config import CONVERTED_INIT_SCALE, SUPPORTED_TYPES, BayesConfig, LayerSpec, PretrainedPrior
 from .models import BayesianGraphModule, bayesian_subclass, user_class
@@ -95,6 +96,13 @@ class _Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, BayesianLayer) or super().is_leaf_module(module, qualified_name)
+
+
+class _HookKeepingTracer(_Tracer):
+    """Also keeps every submodule with hooks as a leaf: called whole, its hooks run in the result."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return (bool(qualified_name) and _has_hooks(module)) or super().is_leaf_module(module, qualified_name)
 
 
 @dataclass
@@ -159,20 +167,21 @@ def bayesify(
     Returns:
         The Bayesian model; its `ConversionReport` is ``bnn.conversion_report``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    validation.module(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise validation.wrong_type(
+            "model", "a Python torch.nn.Module", model,
+            "TorchScript keeps no Python modules to replace: call vinn.bayesify on the model before torch.jit.script/trace",
+        )
     if type(model) in _VINN_LAYERS:
         vinn_layer = _VINN_LAYERS[type(model)].__name__
         raise TypeError(f"model is a single {type(model).__name__}: use vinn.{vinn_layer}.from_torch(model)")
     config = _resolve_config(config, LayerSpec(posterior, prior, init_scale, estimator))
-    if last is not None and (isinstance(last, bool) or not isinstance(last, int)):
-        raise TypeError(f"last must be a positive int or None, got {type(last).__name__}")
-    if last is not None and last < 1:
-        raise ValueError(f"last must be a positive int (how many layers to convert), got {last}")
+    last = validation.optional_integer(last, "last", what="how many layers to convert")
 
     root = copy.deepcopy(model)  # all the work happens on this copy
     try:
-        graph = _Tracer().trace(root)
+        graph = _HookKeepingTracer().trace(root)
     except Exception as error:  # whatever user code raises on proxies means: not traceable
         trace_error = f"{type(error).__name__}: {error}"
         warnings.warn(
@@ -189,7 +198,17 @@ def bayesify(
         candidates = _graph_candidates(root, graph)
 
     _decide(candidates, config, last)
+    for rule in config.unused_rules([(c.name, type(c.layer) if c.layer is not None else None) for c in candidates]):
+        warnings.warn(f"bayesify: the config rule {rule} matches no Linear/Conv layer of {type(model).__name__}",
+                      UserWarning, stacklevel=2)
     converted = [c for c in candidates if c.spec is not None]
+    if not converted:
+        warnings.warn(
+            f"bayesify converted no layer of {type(model).__name__}: the result is deterministic and its KL is 0; "
+            "see bnn.conversion_report for why each layer was kept",
+            UserWarning,
+            stacklevel=2,
+        )
     modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.call is None}
     _replace_modules(bnn, modules)
     for candidate in converted:
@@ -203,9 +222,11 @@ def bayesify(
                 node.type = None
         bnn.graph.lint()
         bnn.recompile()
+        _copy_hooks(root, bnn)
     elif not isinstance(bnn, Module):
         bnn.__class__ = bayesian_subclass(type(bnn))
 
+    _copy_modes(model, bnn)
     bnn.conversion_report = ConversionReport(
         layers=tuple(
             LayerReport(c.name, c.kind, c.parameters, converted=c.spec is not None, reason=c.reason)
@@ -269,10 +290,11 @@ def _graph_candidates(root: nn.Module, graph: Graph) -> list[_Candidate]:
         elif node.op == "get_attr":
             read.add(node.target)
     tied = _tied_parameters(root)
+    hooked = {name: _has_hooks(module) for name, module in root.named_modules()}
     candidates = []
     for name, module in root.named_modules():
         if isinstance(module, SUPPORTED_TYPES):
-            reason = _module_reason(name, module, called, tied) or _usage_reason(name, called, read)
+            reason = _module_reason(name, module, called, tied, hooked) or _usage_reason(name, called, read)
             candidates.append(_module_candidate(name, module, called.get(name, -1), reason))
     parameters = dict(root.named_parameters())
     functional: dict[str, _Candidate] = {}  # by weight name: a weight used by several calls is one entry
@@ -305,12 +327,19 @@ def _module_candidate(name: str, module: nn.Module, order: int, reason: str | No
     return _Candidate(name, type(module).__name__, parameters, order, reason, layer=module)
 
 
-def _module_reason(name: str, module: nn.Module, leaves: Iterable[str], tied: dict[str, str]) -> str | None:
-    """Why the module ``name`` cannot be converted, whatever the options; None if it can."""
+def _module_reason(
+    name: str, module: nn.Module, leaves: Iterable[str], tied: dict[str, str], hooked: Mapping[str, bool] | None = None
+) -> str | None:
+    """Why the module ``name`` cannot be converted, whatever the options; None if it can.
+
+    ``hooked`` says which modules have hooks (traced as whole leaves)."""
+    hooked = hooked or {}
     if isinstance(module, BayesianLayer):
         return "already a vinn layer"
     leaf = _leaf_ancestor(name, leaves)
     if leaf is not None:
+        if hooked.get(leaf):
+            return f"inside {leaf}, called whole so that its hooks keep running"
         return f"read directly by leaf module {leaf}"
     if type(module) not in _VINN_LAYERS:
         base = next(t for t in type(module).__mro__ if t in _VINN_LAYERS)
@@ -426,7 +455,7 @@ def _decide(candidates: list[_Candidate], config: BayesConfig, last: int | None)
 def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
     layer, spec = candidate.layer, candidate.spec
     try:
-        return _VINN_LAYERS[type(layer)].from_torch(
+        bayesian = _VINN_LAYERS[type(layer)].from_torch(
             layer,
             posterior=spec.posterior,
             prior=spec.layer_prior(layer),
@@ -435,6 +464,38 @@ def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
         )
     except (TypeError, ValueError) as error:  # a prior or init_scale that does not fit this layer
         raise type(error)(f"cannot convert {candidate.name or 'the model'}: {error}") from error
+    _copy_hooks(layer, bayesian)
+    return bayesian
+
+
+# Where nn.Module keeps the hooks registered on one module (forward, backward, state_dict, ...).
+_HOOK_DICTS = tuple(
+    name for name in vars(nn.Module()) if name.endswith("_hooks") or name.endswith("_hooks_with_kwargs")
+    or name.endswith("_hooks_always_called")
+)  # fmt: skip
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+def _copy_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Register on ``target`` every hook registered on ``source`` (as ``copy.deepcopy`` would keep them)."""
+    for name in _HOOK_DICTS:
+        hooks = getattr(source, name, None)
+        if hooks:
+            getattr(target, name).update(hooks)
+
+
+def _copy_modes(model: nn.Module, bnn: nn.Module) -> None:
+    """Give every module of ``bnn`` the train/eval mode of the module of the same name in ``model``,
+    or of its nearest ancestor there (the containers torch.fx creates, a functional call's layer)."""
+    modes = {name: module.training for name, module in model.named_modules()}
+    for name, module in bnn.named_modules():
+        parts = name.split(".") if name else []
+        while ".".join(parts) not in modes:
+            parts.pop()
+        module.training = modes[".".join(parts)]
 
 
 def _replace_modules(root: nn.Module, replacements: dict[int, nn.Module]) -> None:

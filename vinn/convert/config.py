@@ -181,6 +181,17 @@ class BayesConfig:
             return self._by_type[module_type], f"type {module_type.__name__}"
         return self._global, "global"
 
+    def unused_rules(self, layers: list[tuple[str, type[nn.Module] | None]]) -> list[str]:
+        """The type and name rules that match none of ``layers`` ((qualified name, torch.nn type)
+        pairs), as readable strings: most likely a typo in a pattern, or a type the model lacks."""
+        unused = [f"set_type(nn.{t.__name__}, ...)" for t in self._by_type if all(t is not kind for _, kind in layers)]
+        unused += [
+            f"set_name({pattern!r}, ...)"
+            for pattern in self._by_name
+            if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in layers)
+        ]
+        return unused
+
     def __repr__(self) -> str:
         rules = [f"set_global({self._global!r})"]
         rules += [f"set_type(nn.{t.__name__}, {s!r})" for t, s in self._by_type.items()]
