@@ -485,6 +485,10 @@ def test_hooks_are_kept(where, kind):
     with vinn.deterministic():
         torch.testing.assert_close(bnn(x), expected)
     assert seen == [1, 1], "the hook ran in the result"
+    net = vinn.to_deterministic(bnn)
+    torch.testing.assert_close(net(x), expected)
+    assert seen == [1, 1, 1], "and in the deterministic model back"
+    assert not any(m.training for m in net.modules())
 
 
 def test_hooked_container_keeps_its_children_deterministic_with_a_reason():

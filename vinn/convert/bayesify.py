@@ -50,7 +50,7 @@ from ..layers import (
 from .. import validation
 from ..module import Module
 from .config import CONVERTED_INIT_SCALE, SUPPORTED_TYPES, BayesConfig, LayerSpec, PretrainedPrior
-from .models import BayesianGraphModule, bayesian_subclass, user_class
+from .models import BayesianGraphModule, bayesian_subclass, copy_hooks, has_hooks, user_class
 from .report import ConversionReport, LayerReport
 
 # exact torch.nn type -> its vinn layer
@@ -102,7 +102,7 @@ class _HookKeepingTracer(_Tracer):
     """Also keeps every submodule with hooks as a leaf: called whole, its hooks run in the result."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (bool(qualified_name) and _has_hooks(module)) or super().is_leaf_module(module, qualified_name)
+        return (bool(qualified_name) and has_hooks(module)) or super().is_leaf_module(module, qualified_name)
 
 
 @dataclass
@@ -222,7 +222,7 @@ def bayesify(
                 node.type = None
         bnn.graph.lint()
         bnn.recompile()
-        _copy_hooks(root, bnn)
+        copy_hooks(root, bnn)
     elif not isinstance(bnn, Module):
         bnn.__class__ = bayesian_subclass(type(bnn))
 
@@ -251,17 +251,28 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    validation.module(model)
     if isinstance(model, BayesianLayer):
-        return model.to_torch()
+        return _torch_layer(model)
     net = copy.deepcopy(model)
-    _replace_modules(net, {id(m): m.to_torch() for m in net.modules() if isinstance(m, BayesianLayer)})
+    _replace_modules(net, {id(m): _torch_layer(m) for m in net.modules() if isinstance(m, BayesianLayer)})
     if isinstance(net, BayesianGraphModule):
-        return torch.fx.GraphModule(net, net.graph, class_name=type(net).__name__)
+        graph_module = torch.fx.GraphModule(net, net.graph, class_name=type(net).__name__)
+        copy_hooks(net, graph_module)
+        _copy_modes(model, graph_module)
+        return graph_module
     original_class = user_class(net)
     if original_class is not None:
         net.__class__ = original_class
         del net.conversion_report
     return net
+
+
+def _torch_layer(layer: BayesianLayer) -> nn.Module:
+    """``layer.to_torch()`` with ``layer``'s hooks."""
+    module = layer.to_torch()
+    copy_hooks(layer, module)
+    return module
 
 
 def _resolve_config(config: BayesConfig | None, keywords: LayerSpec) -> BayesConfig:
@@ -290,7 +301,7 @@ def _graph_candidates(root: nn.Module, graph: Graph) -> list[_Candidate]:
         elif node.op == "get_attr":
             read.add(node.target)
     tied = _tied_parameters(root)
-    hooked = {name: _has_hooks(module) for name, module in root.named_modules()}
+    hooked = {name: has_hooks(module) for name, module in root.named_modules()}
     candidates = []
     for name, module in root.named_modules():
         if isinstance(module, SUPPORTED_TYPES):
@@ -464,27 +475,8 @@ def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
         )
     except (TypeError, ValueError) as error:  # a prior or init_scale that does not fit this layer
         raise type(error)(f"cannot convert {candidate.name or 'the model'}: {error}") from error
-    _copy_hooks(layer, bayesian)
+    copy_hooks(layer, bayesian)
     return bayesian
-
-
-# Where nn.Module keeps the hooks registered on one module (forward, backward, state_dict, ...).
-_HOOK_DICTS = tuple(
-    name for name in vars(nn.Module()) if name.endswith("_hooks") or name.endswith("_hooks_with_kwargs")
-    or name.endswith("_hooks_always_called")
-)  # fmt: skip
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
-
-
-def _copy_hooks(source: nn.Module, target: nn.Module) -> None:
-    """Register on ``target`` every hook registered on ``source`` (as ``copy.deepcopy`` would keep them)."""
-    for name in _HOOK_DICTS:
-        hooks = getattr(source, name, None)
-        if hooks:
-            getattr(target, name).update(hooks)
 
 
 def _copy_modes(model: nn.Module, bnn: nn.Module) -> None:

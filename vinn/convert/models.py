@@ -20,6 +20,26 @@ from ..module import Module
 from .report import ConversionReport
 
 
+# Where nn.Module keeps the hooks registered on one module (forward, backward, state_dict, ...).
+_HOOK_DICTS = tuple(
+    name for name in vars(nn.Module()) if name.endswith("_hooks") or name.endswith("_hooks_with_kwargs")
+    or name.endswith("_hooks_always_called")
+)  # fmt: skip
+
+
+def has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+def copy_hooks(source: nn.Module, target: nn.Module, memo: dict[int, Any] | None = None) -> None:
+    """Register on ``target`` every hook registered on ``source``; with ``memo``, deep copies of them
+    (as ``copy.deepcopy`` of a module keeps them)."""
+    for name in _HOOK_DICTS:
+        hooks = getattr(source, name, None)
+        if hooks:
+            getattr(target, name).update(hooks if memo is None else copy.deepcopy(hooks, memo))
+
+
 class BayesianGraphModule(torch.fx.GraphModule, Module):
     """A traced model whose Linear/Conv layers are vinn layers: a GraphModule with ``.kl``.
 
@@ -49,6 +69,8 @@ class BayesianGraphModule(torch.fx.GraphModule, Module):
         copied = super().__deepcopy__(memo)
         copied.__class__.__name__ = type(self).__name__
         copied.conversion_report = copy.deepcopy(self.conversion_report, memo)
+        # and keeps only the state_dict hooks of the model itself
+        copy_hooks(self, copied, memo)
         return copied
 
     def __copy__(self) -> BayesianGraphModule:
