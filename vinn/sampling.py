@@ -49,6 +49,8 @@ class deterministic(_NoParamDecoratorContextManager):
         _depth.set(_depth.get() - 1)
 
     def __call__(self, function: F) -> F:
+        if not callable(function):
+            raise wrong_type("vinn.deterministic's argument", "a function to decorate (or nothing)", function)
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)

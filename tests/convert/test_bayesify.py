@@ -522,3 +522,14 @@ def test_converting_nothing_warns(model, kwargs):
     with pytest.warns(UserWarning, match="bayesify converted no layer .*KL is 0"):
         bnn = vinn.bayesify(model, **kwargs)
     assert float(bnn.kl) == 0
+
+
+def test_frozen_parameters_stay_frozen():
+    model = Blocks()
+    model.head.requires_grad_(False)
+    bnn = vinn.bayesify(model)
+    head = bnn.get_submodule("head")
+    assert not any(p.requires_grad for p in head.parameters()), "loc and scale of a frozen layer"
+    assert all(p.requires_grad for p in bnn.get_submodule("trunk.0.0").parameters())
+    net = vinn.to_deterministic(bnn)
+    assert not any(p.requires_grad for p in net.get_submodule("head").parameters())

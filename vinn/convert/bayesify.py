@@ -269,9 +269,9 @@ def to_deterministic(model: nn.Module) -> nn.Module:
 
 
 def _torch_layer(layer: BayesianLayer) -> nn.Module:
-    """``layer.to_torch()`` with ``layer``'s hooks."""
+    """``layer.to_torch()`` with ``layer``'s hooks and frozen parameters."""
     module = layer.to_torch()
-    copy_hooks(layer, module)
+    _keep_settings(layer, module)
     return module
 
 
@@ -475,8 +475,20 @@ def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
         )
     except (TypeError, ValueError) as error:  # a prior or init_scale that does not fit this layer
         raise type(error)(f"cannot convert {candidate.name or 'the model'}: {error}") from error
-    copy_hooks(layer, bayesian)
+    _keep_settings(layer, bayesian)
     return bayesian
+
+
+def _keep_settings(source: nn.Module, target: nn.Module) -> None:
+    """What the user set on ``source`` that a conversion rebuilds: its hooks, and which of weight and
+    bias are frozen (a vinn layer's posterior scale follows its loc)."""
+    copy_hooks(source, target)
+    for name in ("weight", "bias"):
+        if getattr(source, name) is not None:
+            frozen = not getattr(source, name).requires_grad
+            for parameter in (getattr(target, name), getattr(target, f"{name}_log_sigma2", None)):
+                if parameter is not None:
+                    parameter.requires_grad_(not frozen)
 
 
 def _copy_modes(model: nn.Module, bnn: nn.Module) -> None:
