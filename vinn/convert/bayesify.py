@@ -249,8 +249,6 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     fallback), neither a `vinn.Module`. Works on any module containing vinn layers, such as a
     `vinn.Module` written by hand (its class is kept). ``model`` is not modified.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     validation.module(model)
     if isinstance(model, BayesianLayer):
         return _torch_layer(model)
