@@ -342,3 +342,17 @@ def test_automatic_chunks_bound_the_activations_not_only_the_input():
     assert out.shape == (2000, 10, 2) and sum(rows) == 20000
     assert max(rows) * 8192 <= prediction._AUTO_CHUNK_ELEMENTS_CPU
     assert len(rows) < 20, "still folded: passes of many samples"
+
+
+def test_a_split_made_inside_deterministic_is_not_reused_outside():
+    torch.manual_seed(0)
+    inner = nn.Sequential(vinn.Linear(4, 4, init_scale=0.5))
+    inner.register_forward_hook(lambda module, args, out: out)  # traced whole, as a leaf holding a vinn layer
+    with pytest.warns(UserWarning, match="converted no layer"):  # the head stays deterministic
+        bnn = vinn.bayesify(nn.Sequential(inner, nn.Linear(4, 2)).eval(), vinn.BayesConfig().set_global(None))
+    x = torch.randn(1, 4)
+    with vinn.deterministic():
+        same = vinn.sample(bnn, x, samples=4)
+    assert torch.equal(same[0], same[1])
+    draws = vinn.sample(bnn, x, samples=4)
+    assert not torch.equal(draws[0], draws[1]), "the leaf's vinn layer samples again"

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import validation
 from .layers import BayesianLayer
-from .sampling import seeded
+from .sampling import sampling_enabled, seeded
 
 # Largest output of one operation in a folded forward pass, in elements, when no chunk_size is
 # given; peak memory is a small multiple of it. On a CPU, passes whose activations stay within a
@@ -202,7 +202,9 @@ def _shared_trunk(model: torch.fx.GraphModule, args: tuple[Tensor, ...]) -> tupl
     The split is rebuilt only when the model's code or any of its modules changed; building it
     runs the trunk, whose values are then used directly. None when there is no trunk to share.
     """
-    key = (model.code, tuple(map(id, model.modules())), len(args))
+    # inside vinn.deterministic() a module holding vinn layers draws nothing: a split built there
+    # would share it
+    key = (model.code, tuple(map(id, model.modules())), len(args), sampling_enabled())
     cached = _splits.get(model)
     if cached is not None and cached[0] == key:
         split = cached[1]

@@ -17,6 +17,7 @@ from torch.distributions import Distribution, Normal
 
 from ..distributions import PosteriorFamily, check_posterior
 from ..layers import InitScale, _check_estimator, _check_init_scale, _default_prior
+from ..validation import wrong_type, wrong_value
 
 # The torch.nn layers that have a vinn counterpart. Only these exact types are converted.
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
@@ -116,7 +117,7 @@ class LayerSpec:
 
 def _check_spec(spec: object) -> None:
     if spec is not None and not isinstance(spec, LayerSpec):
-        raise TypeError(f"spec must be a vinn.LayerSpec or None (keep deterministic), got {type(spec).__name__}")
+        raise wrong_type("spec", "a vinn.LayerSpec or None (keep deterministic)", spec)
 
 
 class BayesConfig:
@@ -151,11 +152,11 @@ class BayesConfig:
 
     def set_type(self, module_type: type[nn.Module], spec: LayerSpec | None) -> BayesConfig:
         """The spec of every layer of exactly ``module_type`` (``nn.Linear``, ``nn.Conv2d``, ...)."""
+        names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_TYPES)
         if not isinstance(module_type, type):
-            raise TypeError(f"module_type must be a torch.nn layer class, got {type(module_type).__name__}")
+            raise wrong_type("module_type", f"a torch.nn layer class, one of {names}", module_type)
         if module_type not in SUPPORTED_TYPES:
-            names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_TYPES)
-            raise ValueError(f"module_type must be one of {names}; got {module_type.__name__}")
+            raise wrong_value("module_type", f"one of {names}", module_type)
         _check_spec(spec)
         self._by_type[module_type] = spec
         return self
@@ -163,7 +164,7 @@ class BayesConfig:
     def set_name(self, pattern: str, spec: LayerSpec | None) -> BayesConfig:
         """The spec of every layer whose qualified name matches the fnmatch ``pattern``; set later, wins."""
         if not isinstance(pattern, str):
-            raise TypeError(f"pattern must be a str (an fnmatch pattern), got {type(pattern).__name__}")
+            raise wrong_type("pattern", "a str (an fnmatch pattern)", pattern)
         _check_spec(spec)
         self._by_name.pop(pattern, None)  # setting a pattern again moves it to the end: it wins
         self._by_name[pattern] = spec
