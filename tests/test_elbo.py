@@ -144,3 +144,9 @@ def test_outputs_must_be_a_batch_with_dataset_size():
     elbo = vinn.ELBO(vinn.Linear(2, 3), nn.MSELoss(), dataset_size=10)
     with pytest.raises(TypeError, match="outputs must be a batch-first torch.Tensor"):
         elbo(torch.tensor(1.0), torch.tensor(1.0))
+
+
+def test_criterion_must_return_a_tensor():
+    elbo = vinn.ELBO(vinn.Linear(2, 2), lambda out, y: 0.5, beta=1.0)
+    with pytest.raises(TypeError, match="criterion's result must be a 0-dim tensor"):
+        elbo(torch.zeros(3, 2), torch.ones(3, 2))

@@ -356,8 +356,9 @@ def test_rounded_softmax_probabilities_are_accepted(dtype):
     "mean, var, match",
     [
         (np.zeros((3, 4)), np.full((3, 4), -0.5), r"var must hold variances \(>= 0\), got values down to -0.5.*exp\(\)"),
-        (np.full((3, 4), np.nan), np.ones((3, 4)), "mean must not hold NaN"),
-        (np.zeros((3, 4)), np.full((3, 4), np.nan), "var must not hold NaN"),
+        (np.full((3, 4), np.nan), np.ones((3, 4)), "mean must hold finite values, got .* with NaN"),
+        (np.zeros((3, 4)), np.full((3, 4), np.nan), "var must hold finite values, got .* with NaN"),
+        (np.zeros((3, 4)), np.full((3, 4), np.inf), "var must hold finite values, got .* with an infinite value"),
     ],
 )
 def test_regression_uncertainty_refuses_nan_and_negative_variances(mean, var, match):

@@ -90,6 +90,8 @@ class ELBO:
         kl = total_kl(self.model)
         if self._unreduced is None:
             nll = self.criterion(outputs, targets, *args)
+            if not isinstance(nll, Tensor):
+                raise wrong_type("criterion's result", "a 0-dim tensor (the loss)", nll)
             if nll.dim() != 0:
                 raise ValueError(f"criterion returned shape {tuple(nll.shape)}: the ELBO needs a 0-dim loss")
             return nll + self.beta * kl

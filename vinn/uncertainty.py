@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import integer
+from .validation import finite, integer
 
 __all__ = [
     "auroc",
@@ -265,8 +265,7 @@ def regression_uncertainty(mean: Array, var: Array) -> tuple[Array, Array]:
     for t, name in ((m, "mean"), (v, "var")):
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
-        if bool(t.detach().isnan().any()):
-            raise ValueError(f"{name} must not hold NaN, got NaN at {t.detach().isnan().nonzero()[0].tolist()}")
+        finite(t.detach(), name)
     if bool((v.detach() < 0).any()):
         raise ValueError(
             f"var must hold variances (>= 0), got values down to {v.min().item():.4g}: if the model predicts "
