@@ -465,7 +465,7 @@ def test_a_fresh_conversion_of_an_eval_model_shares_its_trunk():
 
 
 @pytest.mark.parametrize("where", ["converted layer", "kept module", "model", "container"])
-@pytest.mark.parametrize("kind", ["forward", "forward_pre", "forward_with_kwargs"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "forward_with_kwargs", "full_backward"])
 def test_hooks_are_kept(where, kind):
     torch.manual_seed(0)
     model = Blocks().eval()
@@ -476,10 +476,18 @@ def test_hooks_are_kept(where, kind):
         target.register_forward_hook(lambda module, args, out: seen.append(1) or out * 0)
     elif kind == "forward_with_kwargs":
         target.register_forward_hook(lambda module, args, kwargs, out: seen.append(1) or out * 0, with_kwargs=True)
-    else:
+    elif kind == "forward_pre":
         target.register_forward_pre_hook(lambda module, args: seen.append(1) or (args[0] * 0,))
-    x = torch.randn(5, 3)
+    else:
+        target.register_full_backward_hook(lambda module, grad_input, grad_output: seen.append(1))
+    x = torch.randn(5, 3, requires_grad=kind == "full_backward")
     expected = model(x)
+    if kind == "full_backward":
+        expected.sum().backward()
+        bnn = vinn.bayesify(model)
+        bnn(x).sum().backward()
+        assert seen == [1, 1], "the backward hook ran in the result"
+        return
     assert seen == [1]
     bnn = vinn.bayesify(model)
     with vinn.deterministic():

@@ -38,6 +38,8 @@ def copy_hooks(source: nn.Module, target: nn.Module, memo: dict[int, Any] | None
         hooks = getattr(source, name, None)
         if hooks:
             getattr(target, name).update(hooks if memo is None else copy.deepcopy(hooks, memo))
+    if source._backward_hooks:  # full (register_full_backward_hook) or legacy hooks: a module has one kind
+        target._is_full_backward_hook = source._is_full_backward_hook
 
 
 class BayesianGraphModule(torch.fx.GraphModule, Module):
