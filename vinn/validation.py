@@ -1,6 +1,7 @@
 """What every public entry point of vinn does with a bad argument: one policy, in one place.
 
-- TypeError for the wrong kind of object, ValueError for a right kind with a wrong value.
+- TypeError for the wrong kind of object, ValueError for a right kind with a wrong value
+  (arguments that contradict each other included).
 - The message names the argument, says what was given and what is accepted, and where a common
   slip explains the mistake, how to fix it.
 - Integers are `numbers.Integral` (numpy integers included) but not bool; reals are

@@ -401,8 +401,8 @@ def test_report_is_data_and_prints_readably(capsys):
         ({"init_scale": "small"}, TypeError, "init_scale"),
         ({"init_scale": -1.0}, ValueError, "init_scale"),
         ({"config": {"fc": None}}, TypeError, "config"),
-        ({"config": vinn.BayesConfig(), "init_scale": 0.1}, TypeError, "LayerSpec"),
-        ({"config": vinn.BayesConfig(), "prior": vinn.PretrainedPrior()}, TypeError, "LayerSpec"),
+        ({"config": vinn.BayesConfig(), "init_scale": 0.1}, ValueError, "LayerSpec"),
+        ({"config": vinn.BayesConfig(), "prior": vinn.PretrainedPrior()}, ValueError, "LayerSpec"),
     ],
 )
 def test_bad_arguments_fail_early(kwargs, error, match):

@@ -278,9 +278,9 @@ def _resolve_config(config: BayesConfig | None, keywords: LayerSpec) -> BayesCon
     if config is None:
         return BayesConfig().set_global(keywords)
     if not isinstance(config, BayesConfig):
-        raise TypeError(f"config must be a vinn.BayesConfig or None, got {type(config).__name__}")
+        raise validation.wrong_type("config", "a vinn.BayesConfig or None", config)
     if keywords != LayerSpec(prior=_DEFAULT_PRIOR):
-        raise TypeError(
+        raise ValueError(  # arguments that contradict each other: a wrong value, as in vinn.ELBO
             "pass posterior, prior, init_scale and estimator in the LayerSpecs of config, not as keywords beside it"
         )
     return config
