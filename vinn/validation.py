@@ -37,14 +37,18 @@ def describe(value: object) -> str:
     return f"{type(value).__name__} {text}"
 
 
+def _message(name: str, accepted: str, value: object, hint: str) -> str:
+    return f"{name} must be {accepted}, got {describe(value)}{'; ' + hint if hint else ''}"
+
+
 def wrong_type(name: str, accepted: str, value: object, hint: str = "") -> TypeError:
     """The TypeError for ``name``: ``"<name> must be <accepted>, got <what>[; <hint>]"``."""
-    return TypeError(f"{name} must be {accepted}, got {describe(value)}{'; ' + hint if hint else ''}")
+    return TypeError(_message(name, accepted, value, hint))
 
 
 def wrong_value(name: str, accepted: str, value: object, hint: str = "") -> ValueError:
     """The ValueError for ``name``, worded as `wrong_type`'s."""
-    return ValueError(f"{name} must be {accepted}, got {describe(value)}{'; ' + hint if hint else ''}")
+    return ValueError(_message(name, accepted, value, hint))
 
 
 def is_integer(value: object) -> bool:
