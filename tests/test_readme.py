@@ -5,6 +5,8 @@ from pathlib import Path
 
 import matplotlib
 
+import vinn
+
 matplotlib.use("Agg")  # a block that plots must not need a display
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -17,6 +19,8 @@ def test_readme_has_code():
 
 def test_readme_code_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that write files write them here
+    # a block registers a layer type of its own: the registry is as it was for the tests after this one
+    monkeypatch.setattr(vinn.layers, "_REGISTRY", dict(vinn.layers._REGISTRY))
     namespace = {"__name__": "readme"}
     for number, block in enumerate(BLOCKS, 1):
         try:

@@ -5,7 +5,6 @@ from .convert import (
     ConversionReport,
     LayerReport,
     LayerSpec,
-    PretrainedPrior,
     bayesify,
     to_deterministic,
 )
@@ -22,9 +21,13 @@ from .layers import (
     ConvTranspose3d,
     Linear,
     RelativeScale,
+    layer_types,
+    register_layer,
 )
 from .module import Module, kl
+from .optim import SCALE_LR_RATIO, param_groups
 from .prediction import predict, sample
+from .priors import EmpiricalBayesPrior, FanInPrior, PretrainedPrior, PriorSpec
 from .sampling import deterministic
 from .uncertainty import (
     auroc,
@@ -50,6 +53,8 @@ __all__ = [
     "ConvTranspose3d",
     "ConversionReport",
     "ELBO",
+    "EmpiricalBayesPrior",
+    "FanInPrior",
     "LayerReport",
     "LayerSpec",
     "Linear",
@@ -57,7 +62,9 @@ __all__ = [
     "MIN_SCALE",
     "Module",
     "PretrainedPrior",
+    "PriorSpec",
     "RelativeScale",
+    "SCALE_LR_RATIO",
     "auroc",
     "bayesify",
     "brier_score",
@@ -65,9 +72,12 @@ __all__ = [
     "deterministic",
     "expected_calibration_error",
     "kl",
+    "layer_types",
     "mutual_information",
+    "param_groups",
     "predict",
     "predictive_entropy",
+    "register_layer",
     "regression_uncertainty",
     "sample",
     "to_deterministic",

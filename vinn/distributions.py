@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Cauchy, Distribution, Laplace, Normal, StudentT, kl_divergence
+from torch.distributions import Cauchy, Distribution, Laplace, Normal, StudentT, constraints, kl_divergence
 from torch.distributions.transforms import Transform
 
 PosteriorFamily = Callable[..., Distribution]
@@ -41,6 +42,22 @@ def check_posterior(posterior: object) -> None:
         raise TypeError(f"{hint}; {posterior!r}(loc, scale) did not give an elementwise distribution")
     if not sample.has_rsample:
         raise TypeError(f"{hint}; {type(sample).__name__} has no reparameterized sampler (rsample)")
+    if not covers_real_line(sample.support):
+        raise ValueError(
+            f"posterior must be a distribution over the real line, as the weights are; {family_name(posterior)} "
+            f"has support {sample.support} (its loc would not be a weight value)"
+        )
+
+
+def covers_real_line(support: constraints.Constraint) -> bool:
+    """Whether a distribution with this support is continuous and takes every real value."""
+    return not support.is_discrete and bool(support.check(torch.tensor([-1e30, -1.0, 0.0, 1.0, 1e30])).all())
+
+
+def has_finite_variance(posterior: PosteriorFamily) -> bool:
+    """Whether the family's variance is finite (not Cauchy's, nor StudentT's with df <= 2)."""
+    variance = posterior(loc=torch.zeros(1), scale=torch.ones(1), validate_args=False).variance
+    return bool(variance.isfinite().all())
 
 
 def _family(posterior: PosteriorFamily) -> object:
@@ -73,7 +90,10 @@ def family_name(posterior: PosteriorFamily) -> str:
 
 
 def _children(obj: object) -> dict[str, object]:
-    return vars(obj) if isinstance(obj, (Distribution, Transform)) else {}
+    if not isinstance(obj, (Distribution, Transform)):
+        return {}
+    # an inverse transform refers back to the transform it inverts: a cycle, and no tensor of its own
+    return {name: value for name, value in vars(obj).items() if name != "_inv"}
 
 
 def tensor_leaves(obj: object, prefix: str = "") -> dict[str, Tensor]:
@@ -107,8 +127,25 @@ def with_leaves(obj: object, leaves: Mapping[str, Tensor | None], prefix: str = 
     return new
 
 
+def check_arguments(distribution: Distribution, argument: str = "prior") -> None:
+    """Raise ValueError unless every tensor argument of ``distribution`` (and of the distributions
+    inside it) satisfies its constraint: a scale > 0, probabilities in [0, 1], ... Checked even for a
+    distribution built with ``validate_args=False``, and NaN fails every constraint."""
+    for name, constraint in distribution.arg_constraints.items():
+        value = distribution.__dict__.get(name)  # lazily computed arguments are derived from checked ones
+        if isinstance(value, Tensor) and not bool(constraint.check(value).all()):
+            raise ValueError(
+                f"{argument}: {type(distribution).__name__}'s {name} must satisfy {constraint}, got {value.flatten()[:4].tolist()}"
+                + (" ..." if value.numel() > 4 else "")
+            )
+    for value in vars(distribution).values():
+        if isinstance(value, Distribution):
+            check_arguments(value, argument)
+
+
 def check_prior(prior: object, shape: torch.Size, argument: str = "prior") -> None:
-    """Raise unless ``prior`` is a scalar-event distribution whose batch shape broadcasts to ``shape``."""
+    """Raise unless ``prior`` is a valid, continuous, real-valued, scalar-event distribution whose
+    batch shape broadcasts to ``shape``."""
     if not isinstance(prior, Distribution):
         raise TypeError(
             f"{argument} must be a torch.distributions.Distribution instance such as Normal(0., 1.), "
@@ -117,6 +154,11 @@ def check_prior(prior: object, shape: torch.Size, argument: str = "prior") -> No
     if prior.event_shape != ():
         raise ValueError(
             f"{argument} must be elementwise (event_shape ()), got event_shape {tuple(prior.event_shape)}"
+        )
+    if not covers_real_line(prior.support):
+        raise ValueError(
+            f"{argument} must be a continuous distribution over the real line, as the weights are; "
+            f"{type(prior).__name__} has support {prior.support}"
         )
     try:
         fits = torch.broadcast_shapes(prior.batch_shape, shape) == shape
@@ -127,28 +169,22 @@ def check_prior(prior: object, shape: torch.Size, argument: str = "prior") -> No
             f"{argument} has batch shape {tuple(prior.batch_shape)}, which does not broadcast to the "
             f"parameter shape {tuple(shape)}: use a scalar prior or one of exactly that shape"
         )
-
-
-# (posterior type, prior type) pairs that kl_divergence has no rule for: remembered so the Monte
-# Carlo fallback does not pay for a raised NotImplementedError on every call.
-_NO_CLOSED_FORM: set[tuple[type, type]] = set()
+    check_arguments(prior, argument)
 
 
 def kl_sum(posterior: Distribution, prior: Distribution) -> Tensor:
     """KL(posterior || prior) summed over all elements, a 0-dim tensor.
 
-    Closed form when ``torch.distributions.kl_divergence`` has a rule for the pair, otherwise an
-    unbiased one-sample Monte Carlo estimate ``log q(w) - log p(w)`` with ``w ~ q`` reparameterized,
-    so gradients reach the posterior's loc and scale either way.
+    Closed form when ``torch.distributions.kl_divergence`` has a rule for the pair (asked every
+    time: torch memoises the lookup and clears it on ``register_kl``), otherwise an unbiased
+    one-sample Monte Carlo estimate ``log q(w) - log p(w)`` with ``w ~ q`` reparameterized, so
+    gradients reach the posterior's loc and scale either way.
     """
-    pair = (type(posterior), type(prior))
-    if pair not in _NO_CLOSED_FORM:
-        try:
-            return kl_divergence(posterior, prior).sum()
-        except NotImplementedError:
-            _NO_CLOSED_FORM.add(pair)
-    w = posterior.rsample()
-    return (posterior.log_prob(w) - prior.log_prob(w)).sum()
+    try:
+        return kl_divergence(posterior, prior).sum()
+    except NotImplementedError:
+        w = posterior.rsample()
+        return (posterior.log_prob(w) - prior.log_prob(w)).sum()
 
 
 def _variance_bounds(dtype: torch.dtype) -> tuple[float, float]:
@@ -161,6 +197,11 @@ def _bounded_exp(log_sigma2: Tensor) -> Tensor:
     # exp is monotone: clamping its result equals exponentiating the clamped input (inf and 0
     # included), and clamping in place saves a pass over every parameter
     return log_sigma2.exp().clamp_(*_variance_bounds(log_sigma2.dtype))
+
+
+def _bounded_log(log_sigma2: Tensor) -> Tensor:
+    # log σ² within the bounds of `sigma2`, so that the KL is finite for any parameter value
+    return log_sigma2.clamp(2 * math.log(MIN_SCALE), 2 * math.log(MAX_SCALE))
 
 
 class _BoundedExp(torch.autograd.Function):
@@ -209,9 +250,9 @@ class _NormalKL(torch.autograd.Function):
             n = loc.numel()
             # Σ (loc - m)² expanded, so that no parameter-sized temporary is allocated
             squared_distance = torch.linalg.vector_norm(loc).square() - 2 * prior_loc * loc.sum() + n * prior_loc.square()
-            total = (_bounded_exp(log_sigma2).sum() + squared_distance) / prior_var - log_sigma2.sum() + n * (prior_var.log() - 1)
+            total = (_bounded_exp(log_sigma2).sum() + squared_distance) / prior_var - _bounded_log(log_sigma2).sum() + n * (prior_var.log() - 1)
         else:
-            terms = (_bounded_exp(log_sigma2) + (loc - prior_loc).square()) / prior_var - log_sigma2 + prior_var.log() - 1
+            terms = (_bounded_exp(log_sigma2) + (loc - prior_loc).square()) / prior_var - _bounded_log(log_sigma2) + prior_var.log() - 1
             total = terms.sum()
         return 0.5 * total
 

@@ -14,6 +14,7 @@ import contextvars
 import inspect
 import math
 from collections.abc import Callable, Mapping
+from numbers import Real
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +28,9 @@ from .distributions import (
     PosteriorFamily,
     check_posterior,
     check_prior,
+    check_arguments,
     family_name,
+    has_finite_variance,
     is_normal,
     is_symmetric,
     kl_sum,
@@ -36,6 +39,7 @@ from .distributions import (
     tensor_leaves,
     with_leaves,
 )
+from .priors import PriorSpec
 from .sampling import sampling_enabled
 from .validation import one_of, real
 
@@ -45,7 +49,7 @@ from .validation import one_of, real
 DEFAULT_INIT_SCALE = 1e-2
 
 InitScale = float | Callable[[Tensor], Tensor]
-PARAMETERS = ("weight", "bias")
+PriorArgument = Distribution | Mapping[str, Distribution] | PriorSpec | None
 ESTIMATORS = ("lrt", "sample", "flipout")
 
 
@@ -57,19 +61,31 @@ def _default_prior() -> Distribution:
     return Normal(0.0, 1.0)
 
 
+# torch layer type -> the vinn layer type `vinn.bayesify` turns it into: the one list of what is
+# supported, filled by `register_layer` (every built-in layer below, and a user's own).
+_REGISTRY: dict[type[nn.Module], type[BayesianLayer]] = {}
+
+
 class BayesianLayer(nn.Module):
-    """Base of every vinn layer: posterior, prior, sampling and KL for ``weight`` and ``bias``.
+    """Base of every vinn layer: posterior, prior, sampling and KL for its random parameters.
 
     Subclasses inherit a torch.nn layer as their second base and implement `_op`, the
     deterministic computation ``op(input, weight, bias)``, which must be linear in ``input`` and in
-    ``weight``: the local reparameterization trick relies on it.
+    ``weight``: the local reparameterization trick relies on it. They declare what is particular
+    to them as class attributes: ``parameter_names`` (the random parameters, each a posterior loc
+    of the torch.nn layer) and ``output_dim`` (the dimension of ``weight`` indexing output units).
     """
 
     _torch_cls: ClassVar[type[nn.Module]]
+    parameter_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
+    output_dim: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        torch_bases = [b for b in cls.__mro__ if b.__module__.startswith("torch.nn") and b is not nn.Module]
+        # the layer it is a Bayesian version of: its first base that is a module but no vinn layer
+        torch_bases = [
+            b for b in cls.__mro__[1:] if issubclass(b, nn.Module) and not issubclass(b, BayesianLayer) and b is not nn.Module
+        ]
         if torch_bases:
             cls._torch_cls = torch_bases[0]
             signature = inspect.signature(cls._torch_cls.__init__)
@@ -90,8 +106,11 @@ class BayesianLayer(nn.Module):
     def __new__(cls, *args: Any, **kwargs: Any) -> BayesianLayer:
         # torch.nn's device and dtype (and vinn's own arguments) are keyword-only here: a posterior
         # passed positionally would otherwise reach torch as a device, with an obscure error
-        positional = [p.name for p in cls.__signature__.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-        if len(args) > len(positional):
+        signature = getattr(cls, "__signature__", None)  # set for every layer with a torch.nn base
+        positional = [] if signature is None else [
+            p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+        if signature is not None and len(args) > len(positional):
             raise TypeError(
                 f"{cls.__name__} takes at most {len(positional)} positional arguments ({', '.join(positional)}), got "
                 f"{len(args)}: pass posterior=, prior=, init_scale=, estimator=, device= and dtype= by keyword"
@@ -102,7 +121,7 @@ class BayesianLayer(nn.Module):
         self,
         *args: Any,
         posterior: PosteriorFamily = Normal,
-        prior: Distribution | Mapping[str, Distribution] | None = None,
+        prior: PriorArgument = None,
         init_scale: InitScale = DEFAULT_INIT_SCALE,
         estimator: str | None = None,
         **kwargs: Any,
@@ -110,33 +129,43 @@ class BayesianLayer(nn.Module):
         self._torch_cls.__init__(self, *args, **kwargs)
         check_posterior(posterior)
         _check_init_scale(init_scale)
+        _check_prior_argument(prior, posterior)
         self.posterior = posterior
         self.init_scale = init_scale
         self.estimator = _check_estimator(estimator, posterior)
-        for name in PARAMETERS:
+        self._prior_source = _default_prior() if prior is None else prior
+        for name in self.parameter_names:
             loc = getattr(self, name)
             log_sigma2 = None if loc is None else nn.Parameter(torch.empty_like(loc))
             self.register_parameter(f"{name}_log_sigma2", log_sigma2)
-        self._prior_templates: dict[str, tuple[Distribution, list[str]]] = {}
-        for name, distribution in _split_prior(prior, self.weight.shape, self._bias_shape).items():
-            self._register_prior(name, distribution)
         if not _skip_initialisation.get():
+            self._register_priors()
             self.reset_scale()
 
-    @property
-    def _bias_shape(self) -> torch.Size | None:
-        return None if self.bias is None else self.bias.shape
+    def random_parameters(self) -> dict[str, Tensor]:
+        """The posterior loc of every random parameter the layer has (``bias=False``: no ``"bias"``), by name."""
+        return {name: loc for name in self.parameter_names if (loc := getattr(self, name)) is not None}
 
-    def _register_prior(self, name: str, prior: Distribution) -> None:
-        loc = getattr(self, name)
-        leaves = tensor_leaves(prior)
-        # the distribution without its tensors (they live in buffers), and where they go back
-        self._prior_templates[name] = (with_leaves(prior, dict.fromkeys(leaves)), list(leaves))
-        for path, tensor in leaves.items():
-            if tensor.is_floating_point():
-                tensor = tensor.to(dtype=loc.dtype)
-            # clone: the buffer must never alias the caller's tensor (load_state_dict writes in place)
-            self.register_buffer(self._prior_buffer(name, path), tensor.detach().to(loc.device).clone())
+    # -- the prior, kept as buffers -----------------------------------------------------------------
+
+    def _register_priors(self) -> None:
+        """(Re)build the prior buffers from the ``prior`` the layer was given, for the current loc.
+
+        Each tensor of the prior becomes a buffer, stored compactly: a scalar broadcast to every
+        element is kept as one number (``Normal(w, 0.1)`` holds a scale expanded to ``w``'s shape).
+        """
+        templates = {}
+        for name, prior in _split_prior(self._prior_source, self).items():
+            loc = getattr(self, name)
+            leaves = tensor_leaves(prior)
+            for path, tensor in leaves.items():
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype=loc.dtype)
+                # clone: the buffer must never alias the caller's tensor (load_state_dict writes in place)
+                self.register_buffer(self._prior_buffer(name, path), _compact(tensor.detach()).to(loc.device).clone())
+            # the distribution without its tensors (they live in buffers), and their shapes by path
+            templates[name] = (with_leaves(prior, dict.fromkeys(leaves)), {path: t.shape for path, t in leaves.items()})
+        self._prior_templates: dict[str, tuple[Distribution, dict[str, torch.Size]]] = templates
 
     @staticmethod
     def _prior_buffer(name: str, path: str) -> str:
@@ -145,17 +174,54 @@ class BayesianLayer(nn.Module):
     def _prior(self, name: str) -> Distribution | None:
         if name not in self._prior_templates:
             return None
-        template, paths = self._prior_templates[name]
-        return with_leaves(template, {path: getattr(self, self._prior_buffer(name, path)) for path in paths})
+        template, shapes = self._prior_templates[name]
+        leaves = {path: getattr(self, self._prior_buffer(name, path)).expand(shape) for path, shape in shapes.items()}
+        return with_leaves(template, leaves)
+
+    def _fit_prior(self, name: str) -> None:
+        """Set a learned prior's scale to its optimum for the current posterior (see `EmpiricalBayesPrior`)."""
+        source = self._prior_source
+        if not (isinstance(source, PriorSpec) and source.learned):
+            return
+        with torch.no_grad():
+            prior_loc = self._buffers[f"{name}_prior_loc"]
+            if is_normal(self.posterior):
+                second_moment = self._sigma2(name) + (self._parameters[name] - prior_loc).square()
+            else:
+                posterior = self._posterior(name)
+                second_moment = posterior.variance + (posterior.mean - prior_loc).square()
+            scale = self._buffers[f"{name}_prior_scale"]  # compact: one number where the group is the layer
+            scale.copy_(source.fitted_scale(self, name, second_moment).reshape(scale.shape))
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        self._check_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _check_state(self, state_dict: Mapping[str, Any], prefix: str) -> None:
+        """Raise ValueError if ``state_dict`` holds, for this layer, a non-finite log σ² or an invalid prior."""
+        for name in self.random_parameters():
+            log_sigma2 = state_dict.get(f"{prefix}{name}_log_sigma2")
+            if isinstance(log_sigma2, Tensor) and not bool(log_sigma2.isfinite().all()):
+                raise ValueError(f"state_dict entry {prefix}{name}_log_sigma2 holds NaN or infinite values")
+            template, shapes = self._prior_templates[name]
+            leaves = {}
+            for path, shape in shapes.items():
+                value = state_dict.get(prefix + self._prior_buffer(name, path))
+                if not (isinstance(value, Tensor) and _broadcasts(value.shape, shape)):
+                    break  # missing or misshapen: torch's own check reports it
+                leaves[path] = value.expand(shape)
+            else:
+                check_arguments(with_leaves(template, leaves), f"state_dict prior of {prefix}{name}")
 
     # -- initialisation -------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """Re-initialise loc as torch.nn does, then the posterior scale from ``init_scale``."""
+        """Re-initialise loc as torch.nn does, then the prior (from the layer's ``prior``) and the posterior scale."""
         if _skip_initialisation.get():
             return
         super().reset_parameters()  # the torch.nn layer's loc initialisation
         if "weight_log_sigma2" in self._parameters:  # torch.nn's __init__ calls this before it exists
+            self._register_priors()
             self.reset_scale()
 
     @torch.no_grad()
@@ -163,26 +229,18 @@ class BayesianLayer(nn.Module):
         """Set the posterior scale of every element from ``init_scale`` (default: the layer's own).
 
         ``init_scale`` is a positive float (the same scale everywhere) or a callable mapping a loc
-        tensor to a positive scale tensor of its shape, such as `vinn.RelativeScale`.
+        tensor to a positive scale tensor of its shape, such as `vinn.RelativeScale`. Nothing
+        changes if it fails. A learned prior is then refitted to the new posterior.
         """
-        if init_scale is not None:
-            _check_init_scale(init_scale)
-            self.init_scale = init_scale
-        for name in PARAMETERS:
-            loc, log_sigma2 = getattr(self, name), getattr(self, f"{name}_log_sigma2")
-            if loc is None:
-                continue
-            if not callable(self.init_scale):  # checked when set
-                log_sigma2.fill_(2 * math.log(self.init_scale))
-                continue
-            scale = torch.as_tensor(self.init_scale(loc.detach()), dtype=loc.dtype, device=loc.device)
-            if scale.shape != loc.shape and torch.broadcast_shapes(scale.shape, loc.shape) != loc.shape:
-                raise ValueError(f"init_scale gave shape {tuple(scale.shape)} for {name} of shape {tuple(loc.shape)}")
-            if not bool(((scale > MIN_SCALE) & (scale < MAX_SCALE)).all()):
-                raise ValueError(
-                    f"init_scale must give scales in ({MIN_SCALE}, {MAX_SCALE}), got {scale.min().item()} to {scale.max().item()}"
-                )
-            log_sigma2.copy_((2 * scale.log()).expand_as(loc))
+        if init_scale is None:
+            init_scale = self.init_scale
+        _check_init_scale(init_scale)
+        log_sigma2 = {name: _initial_log_sigma2(init_scale, name, loc) for name, loc in self.random_parameters().items()}
+        self.init_scale = init_scale
+        for name, value in log_sigma2.items():
+            getattr(self, f"{name}_log_sigma2").copy_(value)
+        for name in log_sigma2:
+            self._fit_prior(name)
 
     # -- the posterior and the prior as distributions ---------------------------------------------
 
@@ -231,6 +289,7 @@ class BayesianLayer(nn.Module):
         return self._prior("bias")
 
     def _kl(self, name: str) -> Tensor:
+        self._fit_prior(name)
         if is_normal(self.posterior) and type(self._prior_templates[name][0]) is Normal:
             # the default case, straight from the parameters and buffers: no distribution objects
             buffers = self._buffers
@@ -245,10 +304,8 @@ class BayesianLayer(nn.Module):
     @property
     def kl(self) -> Tensor:
         """KL(q || p) summed over every weight and bias element: a differentiable 0-dim tensor (nats)."""
-        total = self._kl("weight")
-        if self.bias is not None:
-            total = total + self._kl("bias")
-        return total
+        terms = [self._kl(name) for name in self.random_parameters()]
+        return sum(terms[1:], terms[0])
 
     @property
     def per_example_noise(self) -> bool:
@@ -291,7 +348,7 @@ class BayesianLayer(nn.Module):
             return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
         if self.estimator == "flipout":
             mean = self._op(input, self.weight, self.bias, *args, **kwargs)
-            delta = {name: self._perturbation(name) for name in PARAMETERS}
+            delta = {name: self._perturbation(name) for name in self.parameter_names}
             flipped = self._op(input * self._random_signs(input), delta["weight"], delta["bias"], *args, **kwargs)
             return mean + flipped * self._random_signs(mean)
         bias_posterior = self.bias_posterior
@@ -326,7 +383,7 @@ class BayesianLayer(nn.Module):
         module: nn.Module,
         *,
         posterior: PosteriorFamily = Normal,
-        prior: Distribution | Mapping[str, Distribution] | None = None,
+        prior: PriorArgument = None,
         init_scale: InitScale = DEFAULT_INIT_SCALE,
         estimator: str | None = None,
     ) -> BayesianLayer:
@@ -343,19 +400,19 @@ class BayesianLayer(nn.Module):
         finally:
             _skip_initialisation.reset(token)
         with torch.no_grad():
-            for name in PARAMETERS:
-                if getattr(module, name) is not None:
-                    getattr(layer, name).copy_(getattr(module, name))
-        layer.reset_scale()  # a relative init_scale depends on the loc just copied
+            for name, loc in layer.random_parameters().items():
+                loc.copy_(getattr(module, name))
+        # a pretrained prior and a relative init_scale depend on the loc just copied
+        layer._register_priors()
+        layer.reset_scale()
         return layer.train(module.training)
 
     def to_torch(self) -> nn.Module:
         """The torch.nn counterpart with this layer's configuration, holding the posterior loc."""
         module = self._torch_cls(**self._config(self))
         with torch.no_grad():
-            for name in PARAMETERS:
-                if getattr(self, name) is not None:
-                    getattr(module, name).copy_(getattr(self, name))
+            for name, loc in self.random_parameters().items():
+                getattr(module, name).copy_(loc)
         return module.train(self.training)
 
     def extra_repr(self) -> str:
@@ -383,32 +440,102 @@ def _check_estimator(estimator: str | None, posterior: PosteriorFamily) -> str:
     return estimator
 
 
-def _split_prior(
-    prior: Distribution | Mapping[str, Distribution] | None, weight_shape: torch.Size, bias_shape: torch.Size | None
-) -> dict[str, Distribution]:
-    """One prior per parameter. A mapping gives them by name (a missing one is Normal(0, 1)); a
-    single scalar distribution serves weight and bias alike, and an elementwise one is the weight's
-    alone, leaving the bias with Normal(0, 1)."""
-    shapes = {"weight": weight_shape, "bias": bias_shape}
-    if isinstance(prior, Mapping):
-        unknown = set(prior) - set(PARAMETERS)
+def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
+    """Make `vinn.bayesify` turn every module of exactly ``layer_type``'s torch layer into a ``layer_type``.
+
+    ``layer_type`` subclasses `BayesianLayer` and the torch layer (first the former), and
+    implements ``_op(input, weight, bias)``; usable as a class decorator::
+
+        @vinn.register_layer
+        class Bilinear(vinn.BayesianLayer, my_package.MyLinear):
+            def _op(self, input, weight, bias):
+                return my_package.my_linear(input, weight, bias)
+
+    A later registration for the same torch layer replaces the earlier one. Returns ``layer_type``.
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, BayesianLayer)):
+        raise TypeError(f"layer_type must be a subclass of vinn.BayesianLayer, got {layer_type!r}")
+    if "_torch_cls" not in vars(layer_type):
+        raise TypeError(
+            f"{layer_type.__name__} has no torch layer among its bases: declare it as "
+            f"class {layer_type.__name__}(vinn.BayesianLayer, TorchLayer)"
+        )
+    _REGISTRY[layer_type._torch_cls] = layer_type
+    return layer_type
+
+
+def layer_types() -> dict[type[nn.Module], type[BayesianLayer]]:
+    """``{torch layer type: vinn layer type}`` for every type `vinn.bayesify` converts (a copy)."""
+    return dict(_REGISTRY)
+
+
+def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> Tensor:
+    """log σ² for every element of the parameter ``name`` (loc ``loc``) from ``init_scale``, checked."""
+    if not callable(init_scale):  # a float, checked by _check_init_scale
+        return torch.full_like(loc, 2 * math.log(init_scale))
+    scale = torch.as_tensor(init_scale(loc.detach()), dtype=loc.dtype, device=loc.device)
+    if scale.shape != loc.shape and torch.broadcast_shapes(scale.shape, loc.shape) != loc.shape:
+        raise ValueError(f"init_scale gave shape {tuple(scale.shape)} for {name} of shape {tuple(loc.shape)}")
+    if not bool(((scale > MIN_SCALE) & (scale < MAX_SCALE)).all()):
+        raise ValueError(
+            f"init_scale must give scales in ({MIN_SCALE}, {MAX_SCALE}), got {scale.min().item()} to {scale.max().item()}"
+        )
+    return (2 * scale.log()).expand_as(loc)
+
+
+def _broadcasts(shape: torch.Size, to: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, to) == to
+    except RuntimeError:
+        return False
+
+
+def _compact(tensor: Tensor) -> Tensor:
+    """The smallest tensor that expands back to ``tensor``: each broadcast (stride-0) dimension kept once."""
+    index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in tensor.stride())
+    small = tensor[index]
+    return small.reshape(()) if small.numel() == 1 else small
+
+
+def _check_prior_argument(prior: object, posterior: PosteriorFamily) -> None:
+    """The kind of ``prior`` (its fit to each parameter is checked when the priors are built)."""
+    if prior is None or isinstance(prior, (Distribution, Mapping)):
+        return
+    if not isinstance(prior, PriorSpec):
+        raise TypeError(
+            "prior must be a torch.distributions.Distribution instance such as Normal(0., 1.), a mapping "
+            "{'weight': ..., 'bias': ...} of them, or a vinn prior (PretrainedPrior, FanInPrior, "
+            f"EmpiricalBayesPrior); got {type(prior).__name__}"
+        )
+    if prior.learned and not has_finite_variance(posterior):
+        raise ValueError(
+            f"{prior!r} fits the prior scale to the posterior's variance, which {family_name(posterior)} does not "
+            "have; use a posterior with finite variance (Normal, Laplace, ...)"
+        )
+
+
+def _split_prior(prior: Distribution | Mapping[str, Distribution] | PriorSpec, layer: BayesianLayer) -> dict[str, Distribution]:
+    """One checked prior per random parameter of ``layer``. A vinn prior builds them from the layer; a
+    mapping gives them by name (a missing one is Normal(0, 1)); a single scalar distribution serves
+    every parameter alike, and an elementwise one is the weight's alone, the others keeping Normal(0, 1)."""
+    shapes = {name: loc.shape for name, loc in layer.random_parameters().items()}
+    if isinstance(prior, PriorSpec):
+        priors = prior.priors(layer)
+    elif isinstance(prior, Mapping):
+        unknown = set(prior) - set(layer.parameter_names)
         if unknown:
-            raise ValueError(f"prior mapping keys must be 'weight' and/or 'bias', got {sorted(unknown)}")
-        priors = {name: prior.get(name, _default_prior()) for name in PARAMETERS}
+            names = " and/or ".join(repr(name) for name in layer.parameter_names)
+            raise ValueError(f"prior mapping keys must be {names}, got {sorted(unknown)}")
+        priors = {name: prior.get(name, _default_prior()) for name in shapes}
     else:
-        prior = _default_prior() if prior is None else prior
-        check_prior(prior, weight_shape)
-        priors = {"weight": prior, "bias": prior}
-        if prior.batch_shape != ():
-            priors["bias"] = _default_prior()
-    result = {}
+        check_prior(prior, shapes["weight"])
+        priors = {name: prior if prior.batch_shape == () or name == "weight" else _default_prior() for name in shapes}
     for name, distribution in priors.items():
-        if shapes[name] is not None:
-            check_prior(distribution, shapes[name], f"prior for {name}")
-            result[name] = distribution
-    return result
+        check_prior(distribution, shapes[name], f"prior for {name}")
+    return priors
 
 
+@register_layer
 class Linear(BayesianLayer, nn.Linear):
     """Bayesian `torch.nn.Linear`: y = x Wᵀ + b with W, b drawn from the posterior.
 
@@ -428,19 +555,23 @@ class _ConvNd(BayesianLayer):
         return self._conv_forward(input, weight, bias)
 
 
+@register_layer
 class Conv1d(_ConvNd, nn.Conv1d):
     """Bayesian `torch.nn.Conv1d`; arguments as torch.nn.Conv1d plus ``posterior``, ``prior``, ``init_scale``."""
 
 
+@register_layer
 class Conv2d(_ConvNd, nn.Conv2d):
     """Bayesian `torch.nn.Conv2d`; arguments as torch.nn.Conv2d plus ``posterior``, ``prior``, ``init_scale``."""
 
 
+@register_layer
 class Conv3d(_ConvNd, nn.Conv3d):
     """Bayesian `torch.nn.Conv3d`; arguments as torch.nn.Conv3d plus ``posterior``, ``prior``, ``init_scale``."""
 
 
 class _ConvTransposeNd(BayesianLayer):
+    output_dim = 1  # weight (in_channels, out_channels / groups, *kernel_size)
     _functional: ClassVar[Callable[..., Tensor]]
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None, output_size: list[int] | None = None) -> Tensor:
@@ -452,18 +583,21 @@ class _ConvTransposeNd(BayesianLayer):
         )
 
 
+@register_layer
 class ConvTranspose1d(_ConvTransposeNd, nn.ConvTranspose1d):
     """Bayesian `torch.nn.ConvTranspose1d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
     _functional = F.conv_transpose1d
 
 
+@register_layer
 class ConvTranspose2d(_ConvTransposeNd, nn.ConvTranspose2d):
     """Bayesian `torch.nn.ConvTranspose2d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
     _functional = F.conv_transpose2d
 
 
+@register_layer
 class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
     """Bayesian `torch.nn.ConvTranspose3d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
@@ -478,9 +612,12 @@ class RelativeScale:
     """
 
     def __init__(self, factor: float = 0.1, floor: float = 1e-4) -> None:
-        if not factor > 0 or not floor > MIN_SCALE:
-            raise ValueError(f"RelativeScale needs factor > 0 and floor > {MIN_SCALE}, got {factor}, {floor}")
-        self.factor, self.floor = factor, floor
+        for name, value, low in (("factor", factor, 0.0), ("floor", floor, MIN_SCALE)):
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"RelativeScale {name} must be a float, got {type(value).__name__}")
+            if not low < value < MAX_SCALE:
+                raise ValueError(f"RelativeScale {name} must be in ({low}, {MAX_SCALE}), got {value!r}")
+        self.factor, self.floor = float(factor), float(floor)
 
     def __call__(self, loc: Tensor) -> Tensor:
         return (self.factor * loc.abs()).clamp_min(self.floor)

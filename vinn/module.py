@@ -45,9 +45,13 @@ class Module(nn.Module):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """`torch.nn.Module.load_state_dict`; with ``strict``, a checkpoint of another architecture
-        fails first with a RuntimeError naming the first mismatching key in the model's order."""
+        fails first with a RuntimeError naming the first mismatching key in the model's order. A
+        non-finite log σ² or an invalid prior fails with a ValueError; either way before anything loads."""
         if strict:
             _check_architecture(self, state_dict)
+        for name, module in self.named_modules():
+            if isinstance(module, BayesianLayer):
+                module._check_state(state_dict, f"{name}." if name else "")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 

@@ -179,7 +179,7 @@ def test_pretrained_prior_object():
     assert prior == PretrainedPrior(0.5) and prior != PretrainedPrior(0.1) and hash(prior) == hash(PretrainedPrior(0.5))
     assert repr(prior) == "PretrainedPrior(scale=0.5)"
     assert pickle.loads(pickle.dumps(prior)) == prior
-    layer = nn.Linear(3, 2, bias=False)
+    layer = vinn.Linear(3, 2, bias=False)
     priors = prior.priors(layer)
     assert priors.keys() == {"weight"} and priors["weight"].loc.requires_grad is False
     for bad, error in [(0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), ("big", TypeError)]:

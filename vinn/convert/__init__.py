@@ -1,7 +1,7 @@
 """Conversion of trained torch.nn models to Bayesian ones and back: `bayesify`, `to_deterministic`."""
 
 from .bayesify import bayesify, to_deterministic
-from .config import BayesConfig, LayerSpec, PretrainedPrior
+from .config import BayesConfig, LayerSpec
 from .models import BayesianGraphModule
 from .report import ConversionReport, LayerReport
 
@@ -11,7 +11,6 @@ __all__ = [
     "ConversionReport",
     "LayerReport",
     "LayerSpec",
-    "PretrainedPrior",
     "bayesify",
     "to_deterministic",
 ]

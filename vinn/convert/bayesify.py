@@ -36,30 +36,13 @@ from torch.fx import Graph, Node
 from torch.nn.parameter import is_lazy
 
 from ..distributions import PosteriorFamily
-from ..layers import (
-    BayesianLayer,
-    Conv1d,
-    Conv2d,
-    Conv3d,
-    ConvTranspose1d,
-    ConvTranspose2d,
-    ConvTranspose3d,
-    InitScale,
-    Linear,
-)
+from ..layers import BayesianLayer, InitScale, layer_types
 from .. import validation
 from ..module import Module
-from .config import CONVERTED_INIT_SCALE, SUPPORTED_TYPES, BayesConfig, LayerSpec, PretrainedPrior
+from ..priors import PriorSpec
+from .config import CONVERTED_INIT_SCALE, BayesConfig, LayerSpec, layer_type_name
 from .models import BayesianGraphModule, bayesian_subclass, copy_hooks, has_hooks, user_class
 from .report import ConversionReport, LayerReport
-
-# exact torch.nn type -> its vinn layer
-_VINN_LAYERS: dict[type[nn.Module], type[BayesianLayer]] = {
-    layer._torch_cls: layer
-    for layer in (Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d)
-}
-
-
 
 class _Functional(NamedTuple):
     layer_type: type[nn.Module]  # the torch.nn layer that computes the same
@@ -92,10 +75,12 @@ _DEFAULT_PRIOR = Normal(0.0, 1.0)
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with vinn layers as leaves: tracing into one would bake its sampling into the graph."""
+    """torch.fx's tracer, with vinn layers as leaves (tracing into one would bake its sampling into the
+    graph) and every layer type vinn converts (a user's own included), so that it is called as a module."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, BayesianLayer) or super().is_leaf_module(module, qualified_name)
+        leaf = isinstance(module, BayesianLayer) or type(module) in layer_types()
+        return leaf or super().is_leaf_module(module, qualified_name)
 
 
 class _HookKeepingTracer(_Tracer):
@@ -124,7 +109,7 @@ def bayesify(
     config: BayesConfig | None = None,
     *,
     posterior: PosteriorFamily = Normal,
-    prior: Distribution | PretrainedPrior = _DEFAULT_PRIOR,
+    prior: Distribution | PriorSpec = _DEFAULT_PRIOR,
     init_scale: InitScale = CONVERTED_INIT_SCALE,
     estimator: str | None = None,
     last: int | None = None,
@@ -154,7 +139,8 @@ def bayesify(
             becomes Bayesian with ``LayerSpec(posterior, prior, init_scale, estimator)``; with it,
             leave those four keywords out and put them in the config's `LayerSpec` objects.
         posterior: the posterior family, a ``torch.distributions`` class built from loc and scale.
-        prior: a distribution instance, or `PretrainedPrior` (centred on the pretrained weights).
+        prior: a distribution instance, or a vinn prior: `PretrainedPrior` (centred on the
+            pretrained weights), `EmpiricalBayesPrior` (scale learned), `FanInPrior`.
         init_scale: the initial posterior scale: a float, or a callable loc -> scale tensor such
             as ``vinn.RelativeScale(0.1, floor=1e-4)`` (MOPED).
         estimator: how the forward pass samples (``"lrt"``, ``"flipout"``, ``"sample"``; None: the
@@ -173,8 +159,8 @@ def bayesify(
             "model", "a Python torch.nn.Module", model,
             "TorchScript keeps no Python modules to replace: call vinn.bayesify on the model before torch.jit.script/trace",
         )
-    if type(model) in _VINN_LAYERS:
-        vinn_layer = _VINN_LAYERS[type(model)].__name__
+    if type(model) in layer_types():
+        vinn_layer = layer_types()[type(model)].__name__
         raise TypeError(f"model is a single {type(model).__name__}: use vinn.{vinn_layer}.from_torch(model)")
     config = _resolve_config(config, LayerSpec(posterior, prior, init_scale, estimator))
     last = validation.optional_integer(last, "last", what="how many layers to convert")
@@ -299,10 +285,11 @@ def _graph_candidates(root: nn.Module, graph: Graph) -> list[_Candidate]:
         elif node.op == "get_attr":
             read.add(node.target)
     tied = _tied_parameters(root)
+    supported = tuple(layer_types())
     hooked = {name: has_hooks(module) for name, module in root.named_modules()}
     candidates = []
     for name, module in root.named_modules():
-        if isinstance(module, SUPPORTED_TYPES):
+        if isinstance(module, supported):
             reason = _module_reason(name, module, called, tied, hooked) or _usage_reason(name, called, read)
             candidates.append(_module_candidate(name, module, called.get(name, -1), reason))
     parameters = dict(root.named_parameters())
@@ -324,10 +311,11 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
         if name and tracer.is_leaf_module(module, name) and not isinstance(module, _CONTAINERS)
     }
     tied = _tied_parameters(root)
+    supported = tuple(layer_types())
     return [
         _module_candidate(name, module, position, _module_reason(name, module, leaves, tied))
         for position, (name, module) in enumerate(root.named_modules())
-        if isinstance(module, SUPPORTED_TYPES)
+        if isinstance(module, supported)
     ]
 
 
@@ -350,9 +338,10 @@ def _module_reason(
         if hooked.get(leaf):
             return f"inside {leaf}, called whole so that its hooks keep running"
         return f"read directly by leaf module {leaf}"
-    if type(module) not in _VINN_LAYERS:
-        base = next(t for t in type(module).__mro__ if t in _VINN_LAYERS)
-        return f"unsupported type {type(module).__name__} (subclass of nn.{base.__name__}; exact types only)"
+    supported = layer_types()
+    if type(module) not in supported:
+        base = next(t for t in type(module).__mro__ if t in supported)
+        return f"unsupported type {type(module).__name__} (subclass of {layer_type_name(base)}; exact types only)"
     for attribute in ("weight", "bias"):
         also = tied.get(_qualified(name, attribute))
         if also is not None:
@@ -383,7 +372,7 @@ def _functional_candidate(
     """
     functional, arguments = _FUNCTIONAL[call.target], _call_arguments(call)
     weight = _read_parameter(arguments["weight"], parameters)
-    if weight is None or isinstance(root.get_submodule(_parent(arguments["weight"].target)), SUPPORTED_TYPES):
+    if weight is None or isinstance(root.get_submodule(_parent(arguments["weight"].target)), tuple(layer_types())):
         return None
     bias = _read_parameter(arguments["bias"], parameters)
     reads = [arguments[name] for name in ("weight", "bias") if arguments[name] is not None]
@@ -464,10 +453,10 @@ def _decide(candidates: list[_Candidate], config: BayesConfig, last: int | None)
 def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
     layer, spec = candidate.layer, candidate.spec
     try:
-        bayesian = _VINN_LAYERS[type(layer)].from_torch(
+        bayesian = layer_types()[type(layer)].from_torch(
             layer,
             posterior=spec.posterior,
-            prior=spec.layer_prior(layer),
+            prior=spec.prior,
             init_scale=spec.init_scale,
             estimator=spec.estimator,
         )
@@ -481,7 +470,8 @@ def _keep_settings(source: nn.Module, target: nn.Module) -> None:
     """What the user set on ``source`` that a conversion rebuilds: its hooks, and which of weight and
     bias are frozen (a vinn layer's posterior scale follows its loc)."""
     copy_hooks(source, target)
-    for name in ("weight", "bias"):
+    bayesian = target if isinstance(target, BayesianLayer) else source
+    for name in bayesian.parameter_names:
         if getattr(source, name) is not None:
             frozen = not getattr(source, name).requires_grad
             for parameter in (getattr(target, name), getattr(target, f"{name}_log_sigma2", None)):

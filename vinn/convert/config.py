@@ -1,4 +1,4 @@
-"""What `vinn.bayesify` makes Bayesian, and how: `LayerSpec`, `BayesConfig` and `PretrainedPrior`.
+"""What `vinn.bayesify` makes Bayesian, and how: `LayerSpec` and `BayesConfig`.
 
 In the spirit of ``torch.ao.quantization.QConfigMapping``: a `LayerSpec` says how one layer
 becomes Bayesian (posterior family, prior, initial posterior scale); a `BayesConfig` maps layers
@@ -8,7 +8,6 @@ to a spec, or to None to keep them deterministic, globally, by module type and b
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass, field
 from numbers import Real
 
@@ -16,59 +15,9 @@ from torch import nn
 from torch.distributions import Distribution, Normal
 
 from ..distributions import PosteriorFamily, check_posterior
-from ..layers import InitScale, _check_estimator, _check_init_scale, _default_prior
+from ..layers import InitScale, _check_estimator, _check_init_scale, _check_prior_argument, _default_prior, layer_types
+from ..priors import PriorSpec
 from ..validation import wrong_type, wrong_value
-
-# The torch.nn layers that have a vinn counterpart. Only these exact types are converted.
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-
-
-class PretrainedPrior:
-    """The empirical-Bayes prior ``Normal(w_pretrained, scale)``, elementwise, for every weight and bias.
-
-    Use it wherever a prior is accepted by `vinn.bayesify` or `LayerSpec`: each converted layer
-    gets a Normal prior centred on its own pretrained weight and bias (stored per element, as
-    buffers ``weight_prior_loc`` and ``weight_prior_scale``), so the KL term pulls the posterior
-    towards the pretrained solution rather than towards zero. ``scale`` is the prior's standard
-    deviation, in the units of the weights.
-    """
-
-    def __init__(self, scale: float = 0.1) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, Real):
-            raise TypeError(f"PretrainedPrior scale must be a float, got {type(scale).__name__}")
-        if not 0 < scale < math.inf:
-            raise ValueError(f"PretrainedPrior scale must be positive and finite, got {scale}")
-        self.scale = float(scale)
-
-    def priors(self, layer: nn.Module) -> dict[str, Distribution]:
-        """``{"weight": Normal(layer.weight, scale), "bias": ...}`` from ``layer``'s current tensors.
-
-        The locs are detached copies: the prior stays at the pretrained values while training
-        moves the posterior.
-        """
-        return {
-            name: Normal(tensor.detach().clone(), self.scale)
-            for name in ("weight", "bias")
-            if (tensor := getattr(layer, name)) is not None
-        }
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PretrainedPrior) and other.scale == self.scale
-
-    def __hash__(self) -> int:
-        return hash((PretrainedPrior, self.scale))
-
-    def __repr__(self) -> str:
-        return f"PretrainedPrior(scale={self.scale})"
-
 
 # Starting from a pretrained network, the posterior scale starts an order of magnitude below a
 # fresh vinn layer's (vinn.layers.DEFAULT_INIT_SCALE): the converted model's samples stay close to
@@ -83,7 +32,9 @@ class LayerSpec:
     - ``posterior``: a ``torch.distributions`` class built from ``loc`` and ``scale`` (Normal,
       Laplace, ..., ``functools.partial(StudentT, df)``); its loc starts at the pretrained weights.
     - ``prior``: a distribution instance (scalar, broadcast to every element, or of the weight's
-      shape), or `PretrainedPrior` (centred on the pretrained weights).
+      shape), or a vinn prior: `PretrainedPrior` (centred on the pretrained weights),
+      `EmpiricalBayesPrior` (its scale learned; ``pretrained=True`` centres it on the pretrained
+      weights), `FanInPrior`.
     - ``init_scale``: the initial posterior scale: a float (the same for every element) or a
       callable from the loc tensor to a scale tensor, such as ``vinn.RelativeScale(0.1, 1e-4)``
       (MOPED: proportional to ``|w|``, with a floor).
@@ -92,17 +43,18 @@ class LayerSpec:
     """
 
     posterior: PosteriorFamily = Normal
-    prior: Distribution | PretrainedPrior = field(default_factory=_default_prior)
+    prior: Distribution | PriorSpec = field(default_factory=_default_prior)
     init_scale: InitScale = CONVERTED_INIT_SCALE
     estimator: str | None = None
 
     def __post_init__(self) -> None:
         check_posterior(self.posterior)
-        if not isinstance(self.prior, (Distribution, PretrainedPrior)):
+        if not isinstance(self.prior, (Distribution, PriorSpec)):
             raise TypeError(
-                "prior must be a torch.distributions.Distribution instance such as Normal(0., 1.) "
-                f"or vinn.PretrainedPrior(scale), got {type(self.prior).__name__}"
+                "prior must be a torch.distributions.Distribution instance such as Normal(0., 1.) or a vinn "
+                f"prior (PretrainedPrior, FanInPrior, EmpiricalBayesPrior), got {type(self.prior).__name__}"
             )
+        _check_prior_argument(self.prior, self.posterior)
         if not callable(self.init_scale) and (isinstance(self.init_scale, bool) or not isinstance(self.init_scale, Real)):
             raise TypeError(
                 f"init_scale must be a float or a callable loc -> scale tensor, got {type(self.init_scale).__name__}"
@@ -110,9 +62,10 @@ class LayerSpec:
         _check_init_scale(self.init_scale)
         _check_estimator(self.estimator, self.posterior)
 
-    def layer_prior(self, layer: nn.Module) -> Distribution | dict[str, Distribution]:
-        """The prior to build ``layer``'s Bayesian counterpart with (as ``from_torch`` takes it)."""
-        return self.prior.priors(layer) if isinstance(self.prior, PretrainedPrior) else self.prior
+
+def layer_type_name(layer_type: type) -> str:
+    """``nn.Linear`` for a torch.nn layer type, the bare class name for any other."""
+    return f"nn.{layer_type.__name__}" if layer_type.__module__.startswith("torch.nn") else layer_type.__name__
 
 
 def _check_spec(spec: object) -> None:
@@ -152,11 +105,12 @@ class BayesConfig:
 
     def set_type(self, module_type: type[nn.Module], spec: LayerSpec | None) -> BayesConfig:
         """The spec of every layer of exactly ``module_type`` (``nn.Linear``, ``nn.Conv2d``, ...)."""
-        names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_TYPES)
         if not isinstance(module_type, type):
-            raise wrong_type("module_type", f"a torch.nn layer class, one of {names}", module_type)
-        if module_type not in SUPPORTED_TYPES:
-            raise wrong_value("module_type", f"one of {names}", module_type)
+            raise wrong_type("module_type", "a torch.nn layer class", module_type)
+        supported = layer_types()
+        if module_type not in supported:
+            names = ", ".join(map(layer_type_name, supported))
+            raise wrong_value("module_type", f"a layer type vinn converts ({names}; see vinn.register_layer)", module_type)
         _check_spec(spec)
         self._by_type[module_type] = spec
         return self
@@ -185,7 +139,7 @@ class BayesConfig:
     def unused_rules(self, layers: list[tuple[str, type[nn.Module] | None]]) -> list[str]:
         """The type and name rules that match none of ``layers`` ((qualified name, torch.nn type)
         pairs), as readable strings: most likely a typo in a pattern, or a type the model lacks."""
-        unused = [f"set_type(nn.{t.__name__}, ...)" for t in self._by_type if all(t is not kind for _, kind in layers)]
+        unused = [f"set_type({layer_type_name(t)}, ...)" for t in self._by_type if all(t is not kind for _, kind in layers)]
         unused += [
             f"set_name({pattern!r}, ...)"
             for pattern in self._by_name

@@ -1,0 +1,58 @@
+"""Optimizer parameter groups in which the posterior scales learn as fast as the weights: `param_groups`."""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any
+
+from torch import nn
+
+# How much faster than the posterior locs the posterior scales learn under `param_groups`, as a
+# ratio of learning rates. Adam moves every parameter by about its learning rate per step, but a
+# posterior scale has to travel several units of log σ² (from its small initial value to where
+# the data put it) while a weight travels a fraction of one: at one learning rate, σ is still
+# climbing when the weights have converged. Measured in benchmarks/quality/scale_learning.py.
+SCALE_LR_RATIO = 10.0
+
+# The name vinn gives its log-variance parameters (``weight_log_sigma2``): `param_groups` finds them by it.
+LOG_VARIANCE_SUFFIX = "log_sigma2"
+
+
+def param_groups(
+    model: nn.Module, lr: float, *, scale_lr: float | None = None, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """``model``'s parameters as optimizer groups: the log-variances apart, at their own learning rate.
+
+    Returns ``[{"params": every other parameter, "lr": lr, "weight_decay": weight_decay},
+    {"params": every log-variance parameter, "lr": scale_lr, "weight_decay": 0.0}]`` (a group
+    without parameters left out), for any torch optimizer::
+
+        optimizer = torch.optim.Adam(vinn.param_groups(bnn, lr=1e-3))
+
+    The log-variances are the parameters whose name ends in ``log_sigma2``: every vinn layer's
+    posterior scales (``weight_log_sigma2``, ...) and any of your own named so, such as a
+    regression likelihood's learned noise variance (``self.noise_log_sigma2``), which has as far
+    to travel.
+
+    ``scale_lr`` defaults to ``lr * vinn.SCALE_LR_RATIO``: made for Adam-like optimizers, whose step
+    is about the learning rate whatever the gradient's size. The scales never take weight decay,
+    which would pull every σ towards 1 (the KL term is their regularizer); ``weight_decay``
+    applies to the rest, the posterior locs included.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, value in (("lr", lr), ("scale_lr", scale_lr), ("weight_decay", weight_decay)):
+        if value is None and name == "scale_lr":
+            continue
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not (0 <= value < float("inf")):
+            raise ValueError(f"{name} must be a non-negative, finite float, got {value!r}")
+    scales, others = [], []
+    for name, parameter in model.named_parameters():  # each parameter once, shared ones included
+        (scales if name.endswith(LOG_VARIANCE_SUFFIX) else others).append(parameter)
+    groups = [
+        {"params": others, "lr": lr, "weight_decay": weight_decay},
+        {"params": scales, "lr": lr * SCALE_LR_RATIO if scale_lr is None else scale_lr, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]

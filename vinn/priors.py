@@ -1,0 +1,157 @@
+"""Priors built from the layer they are given to: `PretrainedPrior`, `FanInPrior`, `EmpiricalBayesPrior`.
+
+A vinn layer's ``prior=`` takes a ``torch.distributions`` instance, a mapping ``{"weight": ...,
+"bias": ...}`` of them, or one of these specs. A spec builds each parameter's prior from the layer
+itself (its shape, its fan-in, its current weights); `EmpiricalBayesPrior` also refits the prior's
+scale to the posterior every time the layer's KL is computed. Each is a plain, picklable object,
+so layers holding one save and copy whole.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, Normal
+
+from .distributions import MIN_SCALE
+
+if TYPE_CHECKING:
+    from .layers import BayesianLayer
+
+GROUPINGS = ("layer", "unit")
+
+
+def _check_positive(value: object, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{argument} must be a positive float, got {type(value).__name__}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{argument} must be positive and finite, got {value!r}")
+    return float(value)
+
+
+class PriorSpec:
+    """Base of the priors a layer builds from itself; see the module docstring.
+
+    Subclasses implement `priors`; those whose scale is learned set ``learned = True`` and
+    implement `fitted_scale`.
+    """
+
+    learned: ClassVar[bool] = False
+
+    def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
+        """The prior of each random parameter of ``layer`` (``"weight"``, ``"bias"``), by name."""
+        raise NotImplementedError
+
+    def fitted_scale(self, layer: BayesianLayer, name: str, second_moment: Tensor) -> Tensor:
+        """The prior scale that maximises the ELBO given the posterior (learned priors only).
+
+        ``second_moment``: ``E_q[(w - m)²]`` for every element of parameter ``name`` (its shape),
+        ``m`` the prior's loc. Returns a tensor broadcastable to the parameter's shape.
+        """
+        raise NotImplementedError
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(sorted(vars(self).items()))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._key() == self._key()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._key()))
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{name}={value!r}" for name, value in vars(self).items())
+        return f"{type(self).__name__}({arguments})"
+
+
+class PretrainedPrior(PriorSpec):
+    """Normal prior centred on the layer's weights as they are when the layer is built, ``N(w₀, scale²)``.
+
+    Empirical Bayes for fine-tuning (the centre is the pretrained solution, not zero): with
+    `vinn.bayesify` the centre is the pretrained weight and bias, so the KL term pulls the
+    posterior towards the pretrained network. ``scale`` is the prior's standard deviation, in the
+    units of the weights. Stored as buffers ``weight_prior_loc`` (the weight's shape) and
+    ``weight_prior_scale`` (one number).
+    """
+
+    def __init__(self, scale: float = 0.1) -> None:
+        self.scale = _check_positive(scale, "PretrainedPrior scale")
+
+    def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
+        # detached copies: the prior stays at the pretrained values while training moves the posterior
+        return {name: Normal(loc.detach().clone(), self.scale) for name, loc in layer.random_parameters().items()}
+
+
+class FanInPrior(PriorSpec):
+    """Normal prior ``N(0, gain² / fan_in)``, the scale of the usual weight initialisations.
+
+    ``fan_in`` as torch's initialisers count it (``in_features`` for a Linear,
+    ``in_channels / groups * prod(kernel_size)`` for a convolution). Unlike ``N(0, 1)``, whose scale
+    is far above that of any trained weight of a wide layer, it does not let the KL term inflate the
+    posterior of every weight the data say little about.
+    """
+
+    def __init__(self, gain: float = 1.0) -> None:
+        self.gain = _check_positive(gain, "FanInPrior gain")
+
+    def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
+        fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
+        scale = self.gain / math.sqrt(fan_in)
+        return {name: Normal(0.0, scale) for name in layer.random_parameters()}
+
+
+class EmpiricalBayesPrior(PriorSpec):
+    """Normal prior whose scale is learned from the data: type-II maximum likelihood, in closed form.
+
+    ``N(m, s²)`` with ``m`` zero or, with ``pretrained=True``, the layer's weights as built (the
+    pretrained weights under `vinn.bayesify`). For a fixed posterior q the ELBO is largest, and the
+    KL smallest, at ``s² = mean E_q[(w - m)²] = mean (σ² + (μ - m)²)`` over the weights sharing
+    ``s``: every time the layer's KL is computed, ``s`` is set to that optimum first (variational
+    EM with an exact M-step). The KL then no longer drags weights towards an arbitrary scale; its
+    gradient with respect to q is that of the KL at the fitted prior (the prior is optimal, so its
+    own change does not count). ``s`` is kept in the ``*_prior_scale`` buffers, saved in
+    ``state_dict`` like every prior.
+
+    ``per``: ``"layer"``, one scale for all the weights of a layer; ``"unit"``, one per output
+    unit (row of a Linear's weight, output channel of a convolution). A bias always shares one
+    scale per layer (a scale per bias element would fit each element alone: no prior at all).
+    The posterior family must have a finite variance (Normal, Laplace, Gumbel; not Cauchy).
+    """
+
+    learned = True
+
+    def __init__(self, per: str = "layer", pretrained: bool = False) -> None:
+        if not isinstance(per, str):
+            raise TypeError(f"per must be one of {GROUPINGS}, got {type(per).__name__}")
+        if per not in GROUPINGS:
+            raise ValueError(f"per must be one of {GROUPINGS}, got {per!r}")
+        if not isinstance(pretrained, bool):
+            raise TypeError(f"pretrained must be a bool, got {type(pretrained).__name__}")
+        self.per, self.pretrained = per, pretrained
+
+    def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
+        priors = {}
+        for name, loc in layer.random_parameters().items():
+            centre = loc.detach().clone() if self.pretrained else loc.new_zeros(())
+            # the actual scale is fitted as soon as the posterior scale is set (reset_scale)
+            priors[name] = Normal(centre, loc.new_ones(self._scale_shape(layer, name)))
+        return priors
+
+    def _scale_shape(self, layer: BayesianLayer, name: str) -> tuple[int, ...]:
+        loc = getattr(layer, name)
+        if self.per == "layer" or name != "weight":
+            return ()
+        return tuple(n if d == layer.output_dim else 1 for d, n in enumerate(loc.shape))
+
+    def fitted_scale(self, layer: BayesianLayer, name: str, second_moment: Tensor) -> Tensor:
+        shape = self._scale_shape(layer, name)
+        if shape == ():
+            variance = second_moment.mean()
+        else:
+            others = [d for d in range(second_moment.dim()) if d != layer.output_dim]
+            variance = second_moment.mean(dim=others, keepdim=True)
+        return variance.sqrt().clamp_min(MIN_SCALE)
