@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -60,7 +60,7 @@ class ELBO:
             raise wrong_type("criterion", "callable as criterion(outputs, targets) -> loss", criterion)
         if (beta is None) == (dataset_size is None):
             raise ValueError("give exactly one of beta= (the KL weight) or dataset_size= (the number of training examples)")
-        reduction = getattr(criterion, "reduction", None)
+        reduction: Any = getattr(criterion, "reduction", None)
         if reduction == "none":
             raise ValueError("criterion has reduction='none': the ELBO needs a scalar loss; use 'sum' or 'mean'")
         if beta is not None:
@@ -79,7 +79,8 @@ class ELBO:
                 "ELBO would be the criterion alone; convert it with vinn.bayesify(model) or build it from vinn layers "
                 "(for a deterministic model, use the criterion itself)"
             )
-        self._unreduced = None
+        self._reduction = reduction
+        self._unreduced: Any = None  # the criterion with reduction="none", for dataset_size=
         if dataset_size is not None:
             self._unreduced = copy.copy(criterion)
             self._unreduced.reduction = "none"
@@ -88,7 +89,7 @@ class ELBO:
     def __call__(self, outputs: Tensor, targets: Tensor, *args: Any) -> Tensor:
         """Loss for one minibatch; ``args`` go to the criterion after the targets (GaussianNLLLoss's var)."""
         kl = total_kl(self.model)
-        if self._unreduced is None:
+        if self.beta is not None:
             nll = self.criterion(outputs, targets, *args)
             if not isinstance(nll, Tensor):
                 raise wrong_type("criterion's result", "a 0-dim tensor (the loss)", nll)
@@ -97,16 +98,16 @@ class ELBO:
             return nll + self.beta * kl
         if not isinstance(outputs, Tensor) or outputs.dim() == 0:
             raise wrong_type("outputs", "a batch-first torch.Tensor (B, ...) with dataset_size=", outputs)
-        batch = outputs.shape[0]
-        if batch > self.dataset_size:
+        batch, dataset_size = outputs.shape[0], cast(int, self.dataset_size)  # given, as beta is not
+        if batch > dataset_size:
             raise ValueError(
                 f"dataset_size must be at least the batch size, got dataset_size={self.dataset_size} for a batch of "
                 f"{batch}: it is the number of training examples, len(loader.dataset), not the number of "
                 "batches len(loader)"
             )
         losses = self._unreduced(outputs, targets, *args)
-        divisor = {"sum": 1, "mean": losses.numel(), "batchmean": batch}[self.criterion.reduction]
-        return (losses.sum() + (batch / self.dataset_size) * kl) / divisor
+        divisor = {"sum": 1, "mean": losses.numel(), "batchmean": batch}[self._reduction]
+        return (losses.sum() + (batch / dataset_size) * kl) / divisor
 
     def __repr__(self) -> str:
         weight = f"beta={self.beta}" if self.beta is not None else f"dataset_size={self.dataset_size}"

@@ -102,13 +102,13 @@ def confidence_histograms(scores: Mapping[str, object], bins: int = 20) -> Figur
     (e.g. one per model). Each histogram is normalised to a density, so groups of different
     sizes compare.
     """
-    _non_empty_mapping(scores, "scores")
+    scores = _non_empty_mapping(scores, "scores")
     panels = scores if all(isinstance(v, Mapping) for v in scores.values()) else {"": scores}
     integer(bins, "bins")
     figure, axes = _figure(len(panels))
     edges = np.linspace(0, 1, bins + 1)
     for ax, (title, groups) in zip(axes, panels.items()):
-        _non_empty_mapping(groups, f"scores[{title!r}]")
+        groups = _non_empty_mapping(groups, f"scores[{title!r}]")
         for group_name, group_scores in groups.items():
             # a group may be empty (a model with no wrong prediction): it stays in the legend, as (0)
             group_scores = _array(group_scores, f"scores[{group_name!r}]", (1,), empty=True)

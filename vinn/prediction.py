@@ -95,16 +95,16 @@ def _map_outputs(fn: Callable[[list[Tensor], str], Tensor], trees: list[Any], pa
     if isinstance(first, (tuple, list)):
         return type(first)(_map_outputs(fn, [t[i] for t in trees], f"{path}[{i}]") for i in range(len(first)))
     if isinstance(first, Mapping):
-        new = copy.copy(first) if isinstance(first, MutableMapping) else {}
+        mapping: MutableMapping[Any, Any] = copy.copy(first) if isinstance(first, MutableMapping) else {}
         for key in first:
-            new[key] = _map_outputs(fn, [t[key] for t in trees], f"{path}[{key!r}]")
-        return new
+            mapping[key] = _map_outputs(fn, [t[key] for t in trees], f"{path}[{key!r}]")
+        return mapping
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        new = copy.copy(first)
+        instance = copy.copy(first)
         for field in dataclasses.fields(first):
             value = _map_outputs(fn, [getattr(t, field.name) for t in trees], f"{path}.{field.name}")
-            object.__setattr__(new, field.name, value)  # frozen dataclasses too
-        return new
+            object.__setattr__(instance, field.name, value)  # frozen dataclasses too
+        return instance
     raise validation.wrong_type(
         path, "a tensor or a tuple, list, dict, namedtuple or dataclass of tensors (None kept)", first,
         "vinn.sample stacks the tensors of T forward passes",
@@ -175,7 +175,7 @@ class _FindRandom(torch.fx.Interpreter):
     def run_node(self, node: Node) -> Any:
         inputs = node.all_input_nodes
         random = node.op == "output" or any(i in self.random for i in inputs) or (
-            node.op == "call_module" and isinstance(self.module.get_submodule(node.target), BayesianLayer)
+            node.op == "call_module" and isinstance(self.module.get_submodule(str(node.target)), BayesianLayer)
         )
         value = None
         if not random:
@@ -191,9 +191,8 @@ class _FindRandom(torch.fx.Interpreter):
 
 # model -> (what the split was built from, the split): building one costs milliseconds of code
 # generation, more than a whole prediction of a small model on a GPU.
-_splits: weakref.WeakKeyDictionary[torch.fx.GraphModule, tuple[object, object]] = weakref.WeakKeyDictionary()
-
 _Split = tuple[torch.fx.GraphModule, torch.fx.GraphModule]
+_splits: weakref.WeakKeyDictionary[torch.fx.GraphModule, tuple[object, _Split | None]] = weakref.WeakKeyDictionary()
 
 
 def _shared_trunk(model: torch.fx.GraphModule, args: tuple[Tensor, ...]) -> tuple[torch.fx.GraphModule, list[Any]] | None:
@@ -257,7 +256,7 @@ def _split_at_first_sample(model: torch.fx.GraphModule, args: tuple[Tensor, ...]
 
 
 def _device(model: nn.Module) -> torch.device | None:
-    tensor = next(model.parameters(), None)
+    tensor: Tensor | None = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), None)
     return None if tensor is None else tensor.device

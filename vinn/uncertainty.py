@@ -18,7 +18,7 @@ References:
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ def _check_distribution(t: Tensor, name: str) -> None:
         )
 
 
-def _back(t: Tensor, was_numpy: bool) -> np.ndarray | Tensor:
+def _back(t: Tensor, was_numpy: bool) -> Any:  # the kind the caller gave: an Array
     return t.numpy() if was_numpy else t
 
 

@@ -26,7 +26,7 @@ def describe(value: object) -> str:
     """What was given, for a message: ``0``, ``'abc'``, ``list [1, 2]``, ``Tensor of shape (2, 3) and dtype torch.float32``."""
     shape = getattr(value, "shape", None)
     if shape is not None and hasattr(value, "dtype") and not isinstance(value, numbers.Number):
-        return f"{type(value).__name__} of shape {tuple(shape)} and dtype {value.dtype}"  # type: ignore[attr-defined]
+        return f"{type(value).__name__} of shape {tuple(shape)} and dtype {value.dtype}"
     if isinstance(value, type):
         return f"the class {value.__module__}.{value.__qualname__}"
     text = " ".join(repr(value).split())  # one line

@@ -35,14 +35,15 @@ from torch.distributions import Distribution, Normal
 from torch.fx import Graph, Node
 from torch.nn.parameter import is_lazy
 
+from .. import validation
 from ..distributions import PosteriorFamily
 from ..layers import BayesianLayer, InitScale, layer_types
-from .. import validation
 from ..module import Module
 from ..priors import PriorSpec
 from .config import CONVERTED_INIT_SCALE, BayesConfig, LayerSpec, layer_type_name
 from .models import BayesianGraphModule, bayesian_subclass, copy_hooks, has_hooks, user_class
 from .report import ConversionReport, LayerReport
+
 
 class _Functional(NamedTuple):
     layer_type: type[nn.Module]  # the torch.nn layer that computes the same

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch.fx
 from torch import nn
@@ -18,7 +18,6 @@ from torch.fx.graph_module import reduce_graph_module
 
 from ..module import Module
 from .report import ConversionReport
-
 
 # Where nn.Module keeps the hooks registered on one module (forward, backward, state_dict, ...).
 _HOOK_DICTS = tuple(
@@ -50,6 +49,8 @@ class BayesianGraphModule(torch.fx.GraphModule, Module):
     ``copy.deepcopy`` and pickling, which for a plain GraphModule rebuild a plain GraphModule.
     """
 
+    conversion_report: ConversionReport | None
+
     def __init__(
         self,
         root: nn.Module,
@@ -68,7 +69,7 @@ class BayesianGraphModule(torch.fx.GraphModule, Module):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BayesianGraphModule:
         # GraphModule's deepcopy keeps the type but resets the class name and drops plain attributes
-        copied = super().__deepcopy__(memo)
+        copied = cast(BayesianGraphModule, super().__deepcopy__(memo))
         copied.__class__.__name__ = type(self).__name__
         copied.conversion_report = copy.deepcopy(self.conversion_report, memo)
         # and keeps only the state_dict hooks of the model itself
@@ -81,7 +82,7 @@ class BayesianGraphModule(torch.fx.GraphModule, Module):
 
 def _unpickle(state: dict[str, Any], import_block: str, class_name: str) -> BayesianGraphModule:
     plain = reduce_graph_module(state, import_block)
-    return BayesianGraphModule(plain, plain.graph, class_name, state.get("conversion_report"))
+    return BayesianGraphModule(plain, cast(torch.fx.Graph, plain.graph), class_name, state.get("conversion_report"))
 
 
 @functools.cache
@@ -103,7 +104,7 @@ def bayesian_subclass(user_class: type[nn.Module]) -> type[nn.Module]:
 
 
 def _new_instance(user_class: type[nn.Module]) -> nn.Module:
-    cls = bayesian_subclass(user_class)
+    cls = bayesian_subclass(user_class)  # type: ignore[arg-type]  # a class is hashable; torch's stub says otherwise
     return cls.__new__(cls)  # pickle then restores the state, as for any object
 
 
