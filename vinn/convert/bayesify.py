@@ -122,7 +122,13 @@ def bayesify(
     dilation, groups, output_padding, padding_mode, bias, dtype, device); its posterior loc is
     the pretrained weight and bias, so inside `vinn.deterministic()` the result computes exactly
     what ``model`` computes. ``model`` itself is not modified. The result is a `vinn.Module`
-    (``.kl`` sums the KL of the converted layers) in ``model``'s train/eval mode.
+    (``.kl`` sums the KL of the converted layers) whose every module (the containers torch.fx
+    creates included) is in the train/eval mode of its counterpart in ``model``. What the user
+    set is kept: hooks on ``model`` and on converted layers, frozen parameters (a frozen layer's
+    posterior scale is frozen too). A submodule with hooks is called whole, so that its hooks
+    keep running; its layers stay deterministic (reported). A `BayesConfig` rule that matches no
+    layer, and a conversion that converts nothing, warn (``UserWarning``). TorchScript modules
+    are refused (TypeError): convert the Python model before scripting it.
 
     How: torch.fx traces ``model``, and every call of a module of exactly a supported type is
     converted (a subclass, which may compute something else, is kept), as is every
@@ -186,7 +192,7 @@ def bayesify(
 
     _decide(candidates, config, last)
     for rule in config.unused_rules([(c.name, type(c.layer) if c.layer is not None else None) for c in candidates]):
-        warnings.warn(f"bayesify: the config rule {rule} matches no Linear/Conv layer of {type(model).__name__}",
+        warnings.warn(f"bayesify: the config rule {rule} matches no layer of {type(model).__name__} that vinn converts",
                       UserWarning, stacklevel=2)
     converted = [c for c in candidates if c.spec is not None]
     if not converted:
