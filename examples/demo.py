@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import time
 from pathlib import Path
 
@@ -32,14 +31,16 @@ import vinn
 
 try:
     from digits import load_digits_tensors
+    from readme_blocks import rewrite_block
 except ImportError:  # imported as examples.demo
     from .digits import load_digits_tensors
+    from .readme_blocks import rewrite_block
 
 IMAGE_SIZE = 16
 HELD_OUT_CLASS = 9  # the last class: the model's classes 0..8 keep their labels as indices
 N_CLASSES = HELD_OUT_CLASS
 BATCH_SIZE = 64
-README_START, README_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+README_BLOCK = "demo-results"
 # Real labels are noisy: 10% of the training labels are replaced by a wrong class (the test labels
 # stay clean). The pretrained network learns the noise and is miscalibrated on the test digits
 # (underconfident); on clean digits it is calibrated (ECE 0.005) and leaves nothing to compare.
@@ -185,15 +186,6 @@ def format_table(results: dict[str, dict[str, float]], markdown: bool) -> str:
     return "\n".join(rows)
 
 
-def rewrite_readme_block(readme: Path, block: str) -> None:
-    """Replace what lies between the demo-results markers of the Markdown file ``readme`` by ``block``."""
-    text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
-    if len(pattern.findall(text)) != 1:
-        raise ValueError(f"readme {readme} must hold exactly one {README_START} ... {README_END} block")
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{block}\n{README_END}", text))
-
-
 def write_figures(out: Path, p_det: Tensor, p_bnn: Tensor, y: Tensor, x: Tensor, ood: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Path]:
     """The demo's figures as PNG files in ``out``: {figure name: path}.
 
@@ -290,7 +282,7 @@ def main(
         links = "\n".join(
             f"![{caption}]({Path(os.path.relpath(figures[name], readme_path.parent)).as_posix()})" for name, caption in FIGURES.items()
         )
-        rewrite_readme_block(readme_path, f"{format_table(results, markdown=True)}\n\n{settings}.\n\n{links}")
+        rewrite_block(readme_path, README_BLOCK, f"{format_table(results, markdown=True)}\n\n{settings}.\n\n{links}")
     return results
 
 

@@ -38,3 +38,17 @@ def test_benchmark_command_prints_every_row():
     assert len(rows) == 13, result.stdout
     assert any(row.startswith("| floor: train step") for row in rows)
     assert sum(row.startswith("| floor: ") for row in rows) == 3
+
+
+@pytest.mark.slow
+def test_bayesian_share_table_is_written_into_its_readme_block(tmp_path):
+    spec = importlib.util.spec_from_file_location("vinn_benchmarks_share", ROOT / "benchmarks" / "bayesian_share.py")
+    share = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(share)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bayesian-share:start -->\nold\n<!-- bayesian-share:end -->\n")
+    share.main(quick=True, readme=str(readme))
+    text = readme.read_text()
+    assert "old" not in text and "| torchvision resnet18 | 11,689,512 | 11,679,912 | 100.0% | yes |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| torchvision") or line.startswith("| transformers")]
+    assert len(rows) == 2 + 3 * ("transformers" in sys.modules)

@@ -6,6 +6,7 @@ import math
 
 import demo
 import pytest
+import readme_blocks
 import torch
 from torch import nn
 
@@ -15,7 +16,8 @@ METRICS = ["accuracy", "NLL", "ECE", "Brier score", "confidence right", "confide
 
 def test_fast_demo_writes_checkpoint_figures_table_and_readme_block(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n{demo.README_START}\nold results\n{demo.README_END}\nafter\n")
+    start, end = readme_blocks.markers(demo.README_BLOCK)
+    readme.write_text(f"# title\n\nbefore\n{start}\nold results\n{end}\nafter\n")
     out = tmp_path / "docs" / "figures"
     result = demo.main(str(out), epochs=6, finetune_epochs=2, samples=4, readme=str(readme))
 
@@ -27,7 +29,7 @@ def test_fast_demo_writes_checkpoint_figures_table_and_readme_block(tmp_path):
         assert list(metrics) == METRICS
     text = readme.read_text()
     assert "old results" not in text
-    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{demo.README_END}\nafter\n")
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{end}\nafter\n")
     assert "| metric | deterministic | Bayesian |" in text
     assert all(f"| {metric} |" in text for metric in METRICS)
     assert all(f"](docs/figures/{name}.png)" in text for name in demo.FIGURES)  # relative to the README
@@ -37,10 +39,11 @@ def test_readme_without_one_marker_block_is_refused(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("no markers here\n")
     with pytest.raises(ValueError, match="must hold exactly one"):
-        demo.rewrite_readme_block(readme, "table")
-    readme.write_text(f"{demo.README_START}\n{demo.README_END}\n" * 2)
+        readme_blocks.rewrite_block(readme, "results", "table")
+    start, end = readme_blocks.markers("results")
+    readme.write_text(f"{start}\n{end}\n" * 2)
     with pytest.raises(ValueError, match="must hold exactly one"):
-        demo.rewrite_readme_block(readme, "table")
+        readme_blocks.rewrite_block(readme, "results", "table")
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.distributions import Categorical, Laplace, MixtureSameFamily, Normal, StudentT
+from torch.distributions import Categorical, Laplace, MixtureSameFamily, Normal, StudentT, kl_divergence
 
 import vinn
 
@@ -403,3 +403,86 @@ def test_numpy_integers_are_integers():
     layer = vinn.Conv2d(np.int64(2), np.int32(3), np.int64(3), padding=np.int64(1))
     assert layer(torch.randn(1, 2, 4, 4)).shape == (1, 3, 4, 4)
     assert vinn.Linear(np.int64(3), np.int16(2))(torch.randn(1, 3)).shape == (1, 2)
+
+
+# -- Embedding ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"padding_idx": -2}, {"max_norm": 1.5, "norm_type": 1.0}, {"scale_grad_by_freq": True}, {"sparse": True}],
+)
+def test_embedding_is_a_drop_in(kwargs):
+    torch.manual_seed(0)
+    source = nn.Embedding(12, 5, **kwargs)
+    layer = vinn.Embedding.from_torch(source)
+    assert isinstance(layer, nn.Embedding) and layer.padding_idx == source.padding_idx
+    assert set(source.state_dict()) < set(layer.state_dict())
+    assert {"weight_log_sigma2", "weight_prior_loc", "weight_prior_scale"} <= set(layer.state_dict())
+    assert not any(key.startswith("bias") for key in layer.state_dict())
+    tokens = torch.randint(0, 12, (3, 7))
+    with vinn.deterministic():
+        torch.testing.assert_close(layer(tokens), source(tokens))
+    back = layer.to_torch()
+    assert type(back) is nn.Embedding and back.max_norm == source.max_norm and back.sparse == source.sparse
+    built = vinn.Embedding(12, 5, **kwargs)  # the constructor takes every argument too
+    assert built(tokens).shape == (3, 7, 5)
+    loss = layer(tokens).square().sum() + layer.kl
+    loss.backward()
+    assert layer.weight_log_sigma2.grad is not None and layer.weight.grad is not None
+
+
+def test_embedding_noise_is_per_token_with_the_posterior_moments():
+    torch.manual_seed(0)
+    layer = vinn.Embedding(4, 3, init_scale=0.5)
+    n = 20_000
+    tokens = torch.full((n,), 2)
+    with torch.no_grad():
+        out = layer(tokens)
+    loc, scale = layer.weight[2].detach(), layer.weight_scale[2].detach()
+    # mean within 4.5 standard errors, variance within 4.5 of its standard error (2 σ⁴ / n)
+    assert ((out.mean(0) - loc).abs() < 4.5 * scale / n**0.5).all()
+    assert ((out.var(0) - scale**2).abs() < 4.5 * scale**2 * (2 / n) ** 0.5).all()
+    # the same token at two positions: independent draws (correlation within 4.5 / sqrt(n) of 0)
+    pairs = torch.no_grad()(layer)(torch.full((n, 2), 2))
+    centred = pairs - pairs.mean(0)
+    correlation = (centred[:, 0] * centred[:, 1]).mean(0) / (centred[:, 0].std(0) * centred[:, 1].std(0))
+    assert (correlation.abs() < 4.5 / n**0.5).all()
+
+
+def test_embedding_padding_vector_has_no_noise_and_sample_shares_one_draw():
+    layer = vinn.Embedding(6, 4, padding_idx=0, init_scale=0.3)
+    tokens = torch.tensor([[0, 3, 0, 3]])
+    out = layer(tokens)
+    # (the variance is floored at the dtype's tiny, 1e-38: noise of 1e-19)
+    torch.testing.assert_close(out[0, 0], layer.weight[0].detach(), atol=1e-15, rtol=0)
+    torch.testing.assert_close(out[0, 2], layer.weight[0].detach(), atol=1e-15, rtol=0)
+    assert not torch.equal(out[0, 1], out[0, 3])  # lrt: the same token, fresh noise
+    sampled = vinn.Embedding(6, 4, estimator="sample", init_scale=0.3)(tokens)
+    assert torch.equal(sampled[0, 1], sampled[0, 3])  # one weight draw for the whole batch
+    with pytest.raises(ValueError, match="estimator"):
+        vinn.Embedding(6, 4, estimator="flipout")
+
+
+def test_embedding_kl_and_bayesify():
+    layer = vinn.Embedding(6, 4, prior=Normal(0.0, 2.0))
+    expected = kl_divergence(layer.weight_posterior, Normal(0.0, 2.0)).sum()
+    torch.testing.assert_close(layer.kl, expected)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8, padding_idx=0)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            return self.head(self.embed(tokens))
+
+    model = Tagger().eval()
+    bnn = vinn.bayesify(model)
+    assert [layer.name for layer in bnn.conversion_report.converted] == ["embed", "head"]
+    assert bnn.conversion_report.bayesian_parameters == 10 * 8 + 8 * 3 + 3
+    tokens = torch.randint(0, 10, (2, 5))
+    with torch.no_grad(), vinn.deterministic():
+        torch.testing.assert_close(bnn(tokens), model(tokens))
+    assert vinn.sample(bnn, tokens, samples=3).shape == (3, 2, 5, 3)

@@ -19,12 +19,14 @@ from .layers import (
     ConvTranspose1d,
     ConvTranspose2d,
     ConvTranspose3d,
+    Embedding,
     Linear,
     RelativeScale,
     layer_types,
     register_layer,
 )
 from .module import Module, kl
+from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 from .optim import SCALE_LR_RATIO, param_groups
 from .prediction import predict, sample
 from .priors import EmpiricalBayesPrior, FanInPrior, PretrainedPrior, PriorSpec
@@ -43,6 +45,9 @@ from .uncertainty import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
     "BayesConfig",
     "BayesianLayer",
     "Conv1d",
@@ -53,8 +58,11 @@ __all__ = [
     "ConvTranspose3d",
     "ConversionReport",
     "ELBO",
+    "GroupNorm",
+    "Embedding",
     "EmpiricalBayesPrior",
     "FanInPrior",
+    "LayerNorm",
     "LayerReport",
     "LayerSpec",
     "Linear",
@@ -63,6 +71,7 @@ __all__ = [
     "Module",
     "PretrainedPrior",
     "PriorSpec",
+    "RMSNorm",
     "RelativeScale",
     "SCALE_LR_RATIO",
     "auroc",

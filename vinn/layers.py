@@ -11,8 +11,10 @@ The concrete layers only say which functional op they compute.
 from __future__ import annotations
 
 import contextvars
+import importlib
 import inspect
 import math
+import sys
 from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any, ClassVar
@@ -79,6 +81,8 @@ class BayesianLayer(nn.Module):
     _torch_cls: ClassVar[type[nn.Module]]
     parameter_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
     output_dim: ClassVar[int] = 0
+    estimators: ClassVar[tuple[str, ...]] = ESTIMATORS  # flipout needs an op linear in its input
+    converted_by_default: ClassVar[bool] = True  # False: bayesify converts it only where the config names it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -133,7 +137,11 @@ class BayesianLayer(nn.Module):
         self.posterior = posterior
         self.init_scale = init_scale
         self.estimator = _check_estimator(estimator, posterior)
+        if self.estimator not in self.estimators:
+            raise ValueError(f"estimator must be one of {self.estimators} for a {type(self).__name__}, got {self.estimator!r}")
         self._prior_source = _default_prior() if prior is None else prior
+        if not self.random_parameters():
+            raise ValueError(f"this {type(self).__name__} has no {' or '.join(self.parameter_names)} to make Bayesian")
         for name in self.parameter_names:
             loc = getattr(self, name)
             log_sigma2 = None if loc is None else nn.Parameter(torch.empty_like(loc))
@@ -141,6 +149,11 @@ class BayesianLayer(nn.Module):
         if not _skip_initialisation.get():
             self._register_priors()
             self.reset_scale()
+
+    @property
+    def fan_in(self) -> int:
+        """How many weights feed each output unit: the weight's elements per index of ``output_dim``."""
+        return self.weight.numel() // self.weight.shape[self.output_dim]
 
     def random_parameters(self) -> dict[str, Tensor]:
         """The posterior loc of every random parameter the layer has (``bias=False``: no ``"bias"``), by name."""
@@ -336,24 +349,35 @@ class BayesianLayer(nn.Module):
           ``Δw = w - loc``, decorrelated across examples by random signs on the input and output
           features. Two passes.
         """
+        input = self._linear_input(input)
+        locs = [getattr(self, name) for name in self.parameter_names]
         if not sampling_enabled():
-            return self._op(input, self.weight, self.bias, *args, **kwargs)
+            return self._op(input, *locs, *args, **kwargs)
         if self.estimator == "lrt":
-            mean = self._op(input, self.weight, self.bias, *args, **kwargs)
-            var = self._op(input.square(), self._sigma2("weight"), self._sigma2("bias"), *args, **kwargs)
+            mean = self._op(input, *locs, *args, **kwargs)
+            var = self._variance(input, *args, **kwargs)
             # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
             tiny = torch.finfo(var.dtype).tiny
             if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
                 return var.clamp_min_(tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
             return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
         if self.estimator == "flipout":
-            mean = self._op(input, self.weight, self.bias, *args, **kwargs)
-            delta = {name: self._perturbation(name) for name in self.parameter_names}
-            flipped = self._op(input * self._random_signs(input), delta["weight"], delta["bias"], *args, **kwargs)
+            mean = self._op(input, *locs, *args, **kwargs)
+            deltas = [self._perturbation(name) for name in self.parameter_names]
+            flipped = self._op(input * self._random_signs(input), *deltas, *args, **kwargs)
             return mean + flipped * self._random_signs(mean)
-        bias_posterior = self.bias_posterior
-        bias = None if bias_posterior is None else bias_posterior.rsample()
-        return self._op(input, self.weight_posterior.rsample(), bias, *args, **kwargs)
+        draws = [None if (q := self._posterior(name)) is None else q.rsample() for name in self.parameter_names]
+        return self._op(input, *draws, *args, **kwargs)
+
+    def _linear_input(self, input: Tensor) -> Tensor:
+        """What `_op` is linear in: the input itself, or for a normalization layer the normalized input
+        (computed once, then scaled and shifted by the sampled weights)."""
+        return input
+
+    def _variance(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The variance of every output element under the posterior, for local reparameterization:
+        ``op(x², σ_w², σ_b²)``, exact for an op linear in its input and in its weights."""
+        return self._op(input.square(), *(self._sigma2(name) for name in self.parameter_names), *args, **kwargs)
 
     def _perturbation(self, name: str) -> Tensor | None:
         """A draw of w - loc: the posterior family centred at 0."""
@@ -372,9 +396,14 @@ class BayesianLayer(nn.Module):
     @classmethod
     def _config(cls, module: nn.Module) -> dict[str, Any]:
         """The constructor arguments that rebuild ``module``'s configuration (torch.nn names)."""
-        names = [n for n in inspect.signature(cls._torch_cls.__init__).parameters if n not in ("self", "device", "dtype")]
+        arguments = inspect.signature(cls._torch_cls.__init__).parameters
+        # the public arguments: private ones (nn.Embedding's _weight) only set the initial state
+        names = [n for n in arguments if n not in ("self", "device", "dtype") and not n.startswith("_")]
         config = {name: getattr(module, name) for name in names if name != "bias"}
-        config.update(bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
+        if "bias" in names:
+            config["bias"] = module.bias is not None
+        if "device" in arguments:
+            config.update(device=module.weight.device, dtype=module.weight.dtype)
         return config
 
     @classmethod
@@ -399,6 +428,7 @@ class BayesianLayer(nn.Module):
             layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
         finally:
             _skip_initialisation.reset(token)
+        layer.to(device=module.weight.device, dtype=module.weight.dtype)  # for a torch layer built without them
         with torch.no_grad():
             for name, loc in layer.random_parameters().items():
                 loc.copy_(getattr(module, name))
@@ -409,7 +439,7 @@ class BayesianLayer(nn.Module):
 
     def to_torch(self) -> nn.Module:
         """The torch.nn counterpart with this layer's configuration, holding the posterior loc."""
-        module = self._torch_cls(**self._config(self))
+        module = self._torch_cls(**self._config(self)).to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             for name, loc in self.random_parameters().items():
                 getattr(module, name).copy_(loc)
@@ -447,7 +477,7 @@ def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
     implements ``_op(input, weight, bias)``; usable as a class decorator::
 
         @vinn.register_layer
-        class Bilinear(vinn.BayesianLayer, my_package.MyLinear):
+        class BayesianMyLinear(vinn.BayesianLayer, my_package.MyLinear):
             def _op(self, input, weight, bias):
                 return my_package.my_linear(input, weight, bias)
 
@@ -465,7 +495,13 @@ def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
 
 
 def layer_types() -> dict[type[nn.Module], type[BayesianLayer]]:
-    """``{torch layer type: vinn layer type}`` for every type `vinn.bayesify` converts (a copy)."""
+    """``{torch layer type: vinn layer type}`` for every type `vinn.bayesify` converts (a copy).
+
+    Types of other libraries are registered once their library is imported (transformers'
+    ``Conv1D``, see `vinn.huggingface`): vinn never imports them itself.
+    """
+    if "transformers" in sys.modules:
+        importlib.import_module("vinn.huggingface")
     return dict(_REGISTRY)
 
 
@@ -602,6 +638,36 @@ class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
     """Bayesian `torch.nn.ConvTranspose3d`; arguments as torch.nn plus ``posterior``, ``prior``, ``init_scale``."""
 
     _functional = F.conv_transpose3d
+
+
+@register_layer
+class Embedding(BayesianLayer, nn.Embedding):
+    """Bayesian `torch.nn.Embedding`: every token's vector drawn from the posterior, fresh noise per token.
+
+    Input (*) integer indices, output (*, embedding_dim). Arguments as torch.nn.Embedding
+    (``padding_idx``, ``max_norm``, ``norm_type``, ``scale_grad_by_freq``, ``sparse``), plus
+    ``posterior``, ``prior``, ``init_scale``, ``estimator`` (``"lrt"``, the default for Normal, or
+    ``"sample"``: a lookup has no input features to flip). A lookup is a product with a one-hot
+    input, so local reparameterization is exact per token: every token of every sequence gets its
+    own noise on the looked-up row. The padding index's vector is its loc, without noise;
+    ``max_norm`` renormalizes the looked-up locs (in place, as torch.nn does) or the drawn rows.
+    """
+
+    parameter_names = ("weight",)
+    output_dim = 1  # weight (num_embeddings, embedding_dim): the output units are the features
+    estimators = ("lrt", "sample")
+    fan_in = 1  # a lookup reads one row
+
+    def _op(self, input: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(input, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    def _variance(self, input: Tensor) -> Tensor:
+        # the looked-up rows of σ²: exp on those rows alone, not on the whole vocabulary
+        log_sigma2 = F.embedding(input, self.weight_log_sigma2, None, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        variance = sigma2(log_sigma2)
+        if self.padding_idx is not None:
+            variance = variance.masked_fill((input == self.padding_idx).unsqueeze(-1), 0.0)
+        return variance
 
 
 class RelativeScale:

@@ -13,7 +13,6 @@ import math
 from numbers import Real
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from torch import Tensor
 from torch.distributions import Distribution, Normal
 
@@ -89,8 +88,9 @@ class PretrainedPrior(PriorSpec):
 class FanInPrior(PriorSpec):
     """Normal prior ``N(0, gain² / fan_in)``, the scale of the usual weight initialisations.
 
-    ``fan_in`` as torch's initialisers count it (``in_features`` for a Linear,
-    ``in_channels / groups * prod(kernel_size)`` for a convolution). Unlike ``N(0, 1)``, whose scale
+    ``fan_in`` is the layer's number of weights feeding each output unit (`BayesianLayer.fan_in`:
+    ``in_features`` for a Linear, ``in_channels / groups * prod(kernel_size)`` for a convolution, 1
+    for an embedding, which looks up one row). Unlike ``N(0, 1)``, whose scale
     is far above that of any trained weight of a wide layer, it does not let the KL term inflate the
     posterior of every weight the data say little about.
     """
@@ -99,8 +99,7 @@ class FanInPrior(PriorSpec):
         self.gain = _check_positive(gain, "FanInPrior gain")
 
     def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
-        fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
-        scale = self.gain / math.sqrt(fan_in)
+        scale = self.gain / math.sqrt(layer.fan_in)
         return {name: Normal(0.0, scale) for name in layer.random_parameters()}
 
 
@@ -117,8 +116,9 @@ class EmpiricalBayesPrior(PriorSpec):
     ``state_dict`` like every prior.
 
     ``per``: ``"layer"``, one scale for all the weights of a layer; ``"unit"``, one per output
-    unit (row of a Linear's weight, output channel of a convolution). A bias always shares one
-    scale per layer (a scale per bias element would fit each element alone: no prior at all).
+    unit (row of a Linear's weight, output channel of a convolution). A bias, and any weight of
+    one dimension (a normalization layer's scale), always shares one scale per layer (a scale per
+    element would fit each element alone: no prior at all).
     The posterior family must have a finite variance (Normal, Laplace, Gumbel; not Cauchy).
     """
 
@@ -143,7 +143,7 @@ class EmpiricalBayesPrior(PriorSpec):
 
     def _scale_shape(self, layer: BayesianLayer, name: str) -> tuple[int, ...]:
         loc = getattr(layer, name)
-        if self.per == "layer" or name != "weight":
+        if self.per == "layer" or name != "weight" or loc.dim() < 2:
             return ()
         return tuple(n if d == layer.output_dim else 1 for d, n in enumerate(loc.shape))
 

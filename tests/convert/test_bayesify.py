@@ -256,14 +256,18 @@ def test_tied_weights_stay_deterministic():
     torch.manual_seed(0)
     model = TiedHead()
     bnn = vinn.bayesify(model)
-    assert reasons(bnn) == {"body": None, "head": "shared parameter (also embed.weight)"}
+    assert reasons(bnn) == {
+        "embed": "shared parameter (also head.weight)",
+        "body": None,
+        "head": "shared parameter (also embed.weight)",
+    }
     assert bnn.head.weight is bnn.embed.weight
     tokens = torch.randint(0, 10, (3, 5))
     assert_same_outputs(bnn, model, tokens)
 
     functional = TiedFunctional()
     with pytest.warns(UserWarning, match="converted no layer"):
-        assert reasons(vinn.bayesify(functional)) == {"embed.weight": "read directly by leaf module embed"}
+        assert reasons(vinn.bayesify(functional)) == {"embed": "parameter read directly in forward (embed.weight)"}
 
 
 def test_untraceable_model_is_converted_by_walking_its_module_tree():

@@ -207,7 +207,7 @@ def test_layer_spec_validates_and_is_frozen():
 def test_bayes_config_validates():
     config = BayesConfig()
     with pytest.raises(ValueError, match="nn.Linear"):
-        config.set_type(nn.BatchNorm2d, LayerSpec())
+        config.set_type(nn.ReLU, LayerSpec())
     with pytest.raises(ValueError, match="ScaledLinear|NonDynamicallyQuantizableLinear"):
         config.set_type(nn.modules.linear.NonDynamicallyQuantizableLinear, None)
     with pytest.raises(TypeError, match="module_type"):

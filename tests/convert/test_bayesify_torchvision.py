@@ -10,7 +10,7 @@ import vinn
 
 torchvision = pytest.importorskip("torchvision")
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+SUPPORTED = tuple(vinn.layer_types())  # the registry: what bayesify reports on
 
 
 def small_vit() -> nn.Module:
@@ -78,10 +78,12 @@ def test_vit_attention_keeps_working():
     attention = "encoder.layers.encoder_layer_0.self_attention"
     assert type(bnn.get_submodule(attention)) is nn.MultiheadAttention
     assert type(bnn.get_submodule(f"{attention}.out_proj")) is type(model.get_submodule(f"{attention}.out_proj"))
-    # everything else is Bayesian: patch embedding, MLP blocks, head
-    assert {layer.name for layer in bnn.conversion_report.kept} == {
+    # every weight matrix else is Bayesian: patch embedding, MLP blocks, head; the layer norms are opt-in
+    kept = {layer.name: layer.reason for layer in bnn.conversion_report.kept}
+    assert {name for name, reason in kept.items() if not reason.startswith("excluded by config (opt-in")} == {
         f"encoder.layers.encoder_layer_{i}.self_attention.out_proj" for i in range(2)
     }
+    assert sum(reason.startswith("excluded by config (opt-in") for reason in kept.values()) == 5  # 2 per block, 1 final
     x = torch.randn(3, 3, 32, 32)
     (bnn(x).sum() + bnn.kl).backward()
     for name in ("conv_proj", "encoder.layers.encoder_layer_1.mlp.0", "heads.head"):

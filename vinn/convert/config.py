@@ -127,13 +127,18 @@ class BayesConfig:
     def spec_for(self, name: str, module_type: type[nn.Module]) -> tuple[LayerSpec | None, str]:
         """The spec of the layer ``name`` of type ``module_type``, and the rule that chose it.
 
-        The rule is ``"global"``, ``"type Conv2d"`` or ``"name 'features.*'"``.
+        The rule is ``"global"``, ``"type Conv2d"`` or ``"name 'features.*'"``. The global spec does
+        not apply to the opt-in types (normalization layers: ``converted_by_default`` False): they
+        are converted where a type or name rule matches them, and otherwise kept, the rule then
+        saying so.
         """
         for pattern in reversed(self._by_name):
             if fnmatch.fnmatchcase(name, pattern):
                 return self._by_name[pattern], f"name {pattern!r}"
         if module_type in self._by_type:
             return self._by_type[module_type], f"type {module_type.__name__}"
+        if not layer_types()[module_type].converted_by_default:
+            return None, "opt-in type: name it with set_type or set_name"
         return self._global, "global"
 
     def unused_rules(self, layers: list[tuple[str, type[nn.Module] | None]]) -> list[str]:
