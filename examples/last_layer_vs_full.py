@@ -42,7 +42,7 @@ def main(pretrain_epochs: int = 10, epochs: int = 3, samples: int = 32, fast: bo
         pretrain_epochs, epochs, samples = 3, 1, 8
     x_train, y_train, x_test, y_test = load_digits_tensors(size=16)
     pretrained = small_cnn()
-    train(pretrained, x_train, y_train, pretrain_epochs)  # no vinn layer: the ELBO is the plain NLL
+    train(pretrained, x_train, y_train, pretrain_epochs)  # no vinn layer: the plain NLL
     pretrained.eval()
 
     results = {}

@@ -39,8 +39,10 @@ class Net(vinn.Module):  # class Net(nn.Module):
 
 
 def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int = 64, lr: float = 1e-2) -> None:
-    """Minibatch training with the ELBO; the KL weight follows from the dataset size."""
-    elbo = vinn.ELBO(net, nn.CrossEntropyLoss(), dataset_size=len(x))
+    """Minibatch training with the ELBO (the KL weight follows from the dataset size); a model
+    without vinn layers, pretrained before `vinn.bayesify`, with the cross-entropy alone."""
+    bayesian = any(isinstance(m, vinn.BayesianLayer) for m in net.modules())
+    elbo = vinn.ELBO(net, nn.CrossEntropyLoss(), dataset_size=len(x)) if bayesian else nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     for _ in range(epochs):

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # inductor compiles C++: tens of seconds per mode
 
 
 def _compiled_step(model: nn.Module):
-    elbo = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=1000)
+    elbo = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=10_000)  # > the 2000 rows sampled below
 
     def step(x, y):
         out = model(x)

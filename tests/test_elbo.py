@@ -1,5 +1,6 @@
 """vinn.ELBO: the KL weight for beta= and for dataset_size= with each reduction."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -88,4 +89,64 @@ def test_bad_arguments():
         vinn.ELBO(model, nn.CrossEntropyLoss(), beta=-1.0)
     elbo = vinn.ELBO(model, lambda out, y: (out - y) ** 2, beta=1.0)
     with pytest.raises(ValueError, match="0-dim loss"):
+        elbo(torch.zeros(3, 2), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"beta": float("inf")}, ValueError, r"beta must be a non-negative finite real number .*got inf"),
+        ({"beta": float("nan")}, ValueError, r"beta must be a non-negative finite real number .*got nan"),
+        ({"beta": "0.1"}, TypeError, r"beta must be a non-negative finite real number .*got '0.1'"),
+        ({"beta": True}, TypeError, r"beta must be"),
+        ({"beta": None, "dataset_size": 10.0}, TypeError, r"dataset_size must be a positive int .*len\(loader.dataset\)"),
+        ({"beta": None, "dataset_size": "100"}, TypeError, r"dataset_size must be a positive int"),
+        ({"beta": None, "dataset_size": -5}, ValueError, r"dataset_size must be a positive int"),
+    ],
+)
+def test_bad_weights(kwargs, error, match):
+    kwargs = {"beta": 1.0, **kwargs}
+    if kwargs["beta"] is None:
+        del kwargs["beta"]
+    with pytest.raises(error, match=match):
+        vinn.ELBO(vinn.Linear(2, 2), nn.CrossEntropyLoss(), **kwargs)
+
+
+def test_numpy_numbers_are_numbers():
+    model = vinn.Linear(2, 2)
+    assert vinn.ELBO(model, nn.CrossEntropyLoss(), beta=np.float32(0.5)).beta == 0.5
+    assert vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=np.int64(10)).dataset_size == 10
+
+
+@pytest.mark.parametrize("criterion", [nn.CrossEntropyLoss, nn.MSELoss])
+def test_criterion_class_instead_of_instance(criterion):
+    with pytest.raises(TypeError, match=rf"criterion must be .*instance, got the class .*{criterion.__name__}; pass an instance"):
+        vinn.ELBO(vinn.Linear(2, 2), criterion, dataset_size=10)
+
+
+@pytest.mark.parametrize("model", [nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.ReLU()), vinn.Module()])
+def test_model_without_vinn_layers(model):
+    with pytest.raises(ValueError, match="must contain a vinn layer.*KL is 0.*vinn.bayesify"):
+        vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=10)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_dataset_size_smaller_than_the_batch_is_the_len_loader_slip(reduction):
+    model = vinn.Linear(2, 3)
+    elbo = vinn.ELBO(model, nn.CrossEntropyLoss(reduction=reduction), dataset_size=4)
+    y = torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"dataset_size=4 for a batch of 8.*len\(loader.dataset\).*len\(loader\)"):
+        elbo(model(torch.randn(8, 2)), y)
+    elbo(model(torch.randn(4, 2)), y[:4])  # a batch of the whole dataset is fine
+
+
+def test_outputs_must_be_a_batch_with_dataset_size():
+    elbo = vinn.ELBO(vinn.Linear(2, 3), nn.MSELoss(), dataset_size=10)
+    with pytest.raises(TypeError, match="outputs must be a batch-first torch.Tensor"):
+        elbo(torch.tensor(1.0), torch.tensor(1.0))
+
+
+def test_criterion_must_return_a_tensor():
+    elbo = vinn.ELBO(vinn.Linear(2, 2), lambda out, y: 0.5, beta=1.0)
+    with pytest.raises(TypeError, match="criterion's result must be a 0-dim tensor"):
         elbo(torch.zeros(3, 2), torch.ones(3, 2))

@@ -44,7 +44,7 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def test_ddp_torchrun_two_ranks_keep_identical_posteriors(free_port):
-    for attempt in range(2):
+    for _attempt in range(2):
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             str(EXAMPLES / "ddp_torchrun.py"), "--fast",

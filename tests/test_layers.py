@@ -5,6 +5,7 @@ import io
 import math
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -369,10 +370,39 @@ def test_bad_prior():
         vinn.Linear(3, 2, prior={"weights": Normal(0.0, 1.0)})
 
 
-@pytest.mark.parametrize("init_scale", [0.0, -1.0, float("inf"), float("nan"), "small"])
-def test_bad_init_scale(init_scale):
-    with pytest.raises(ValueError, match="init_scale"):
+@pytest.mark.parametrize(
+    "init_scale, error",
+    [(0.0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), (float("nan"), ValueError), ("small", TypeError),
+     (True, TypeError), (None, TypeError)],
+)  # fmt: skip
+def test_bad_init_scale(init_scale, error):
+    with pytest.raises(error, match=r"init_scale must be a float in \(1e-08, 10000.0\) or a callable"):
         vinn.Linear(3, 2, init_scale=init_scale)
+
+
+@pytest.mark.parametrize("estimator, error", [("bbb", ValueError), (1, TypeError), (True, TypeError)])
+def test_bad_estimator(estimator, error):
+    with pytest.raises(error, match="estimator must be one of 'lrt', 'sample', 'flipout'"):
+        vinn.Linear(2, 2, estimator=estimator)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: vinn.Linear(3, 2, True, Laplace),
+        lambda: vinn.Conv2d(1, 2, 3, 1, 0, 1, 1, True, "zeros", Laplace),
+        lambda: vinn.ConvTranspose1d(1, 2, 3, 1, 0, 0, 1, True, 1, "zeros", Laplace),
+    ],
+)
+def test_posterior_passed_positionally_is_a_clear_type_error(build):
+    with pytest.raises(TypeError, match=r"takes at most \d+ positional arguments .*pass posterior=.* by keyword"):
+        build()
+
+
+def test_numpy_integers_are_integers():
+    layer = vinn.Conv2d(np.int64(2), np.int32(3), np.int64(3), padding=np.int64(1))
+    assert layer(torch.randn(1, 2, 4, 4)).shape == (1, 3, 4, 4)
+    assert vinn.Linear(np.int64(3), np.int16(2))(torch.randn(1, 3)).shape == (1, 2)
 
 
 # -- Embedding ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """vinn.Module.kl and vinn.kl: every vinn layer once, recursively."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -30,3 +31,9 @@ def test_kl_of_a_layer_and_of_nothing():
     empty = vinn.kl(nn.Linear(2, 2))
     assert empty.dim() == 0 and float(empty) == 0.0
     assert float(vinn.Module().kl) == 0.0
+
+
+@pytest.mark.parametrize("not_a_module", ["net", None, 3, [vinn.Linear(2, 2)], vinn.Linear])
+def test_kl_of_a_non_module_is_a_type_error(not_a_module):
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        vinn.kl(not_a_module)

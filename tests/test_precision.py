@@ -1,5 +1,6 @@
 """Precision: bfloat16 autocast trains without NaN/inf while the KL stays in float32; float64 works."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -37,3 +38,34 @@ def test_float64_model_end_to_end():
     loss = vinn.ELBO(net, nn.CrossEntropyLoss(), dataset_size=10)(out, torch.tensor([0, 1, 0, 1]))
     loss.backward()
     assert out.dtype == loss.dtype == vinn.kl(net).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("estimator", ["lrt", "sample"])
+@pytest.mark.parametrize("layer", ["linear", "conv", "transpose"])
+def test_16_bit_layers_sample_and_give_a_float32_kl(dtype, estimator, layer):
+    torch.manual_seed(0)
+    build = {
+        "linear": lambda **kw: vinn.Linear(6, 4, **kw),
+        "conv": lambda **kw: vinn.Conv1d(2, 3, 3, **kw),
+        "transpose": lambda **kw: vinn.ConvTranspose1d(2, 3, 3, **kw),
+    }[layer]
+    x = torch.randn(5, 6) if layer == "linear" else torch.randn(5, 2, 6)
+    # 1e-3, bayesify's default initial scale, is a subnormal variance in float16
+    half = build(dtype=dtype, estimator=estimator, init_scale=1e-3)
+    full = build(estimator=estimator, init_scale=1e-3)
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    out = half(x.to(dtype))
+    assert out.dtype == dtype and out.isfinite().all()
+    kl = half.kl
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl, full.kl, rtol=1e-3, atol=1e-3)
+    (out.float().sum() + kl).backward()
+    assert all(p.grad.isfinite().all() for p in half.parameters())
+    torch.testing.assert_close(half.weight_scale.float(), torch.full_like(full.weight_scale, 1e-3), rtol=0.01, atol=0)
+
+
+def test_float16_model_predicts():
+    net = nn.Sequential(vinn.Linear(4, 8), nn.ReLU(), vinn.Linear(8, 3)).half().eval()
+    p = vinn.predict(net, torch.randn(5, 4).half(), samples=4)
+    assert p.dtype == torch.float16 and p.shape == (4, 5, 3) and p.isfinite().all()

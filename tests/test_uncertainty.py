@@ -303,3 +303,69 @@ def test_bad_brier_and_auroc_arguments():
         auroc(np.array([np.nan]), np.ones(3))
     with pytest.raises(TypeError, match="scores_out must hold real scores"):
         auroc(np.ones(3), np.ones(3, dtype=bool))
+
+
+# -- what is not a set of probabilities: logits, unnormalised scores, NaN -----------------------------
+
+
+def _logits():
+    return np.random.default_rng(0).normal(size=(5, 4, 3)) * 3
+
+
+NOT_PROBABILITIES = {
+    "logits": (_logits, r"p must hold probabilities in \[0, 1\].*looks like logits.*softmax.*vinn.predict"),
+    "unnormalised": (lambda: np.full((5, 4, 3), 0.5), r"p must sum to 1 over the classes.*got sums in \[1.5, 1.5\]"),
+    "sigmoids": (lambda: np.full((5, 4, 3), 0.1), r"p must sum to 1 over the classes"),
+    "nan": (lambda: np.where(np.eye(3, dtype=bool)[:1], np.nan, 0.5)[None].repeat(5, 0).repeat(4, 1), r"p must hold probabilities, got NaN"),
+}
+PROBABILITY_FUNCTIONS = [uncertainty, confidence_score, predictive_entropy, mutual_information]
+
+
+@pytest.mark.parametrize("case", NOT_PROBABILITIES)
+@pytest.mark.parametrize("fn", PROBABILITY_FUNCTIONS)
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_not_probabilities_are_refused(case, fn, kind):
+    make, match = NOT_PROBABILITIES[case]
+    p = make()
+    with pytest.raises(ValueError, match=match):
+        fn(p if kind == "numpy" else torch.tensor(p))
+
+
+@pytest.mark.parametrize("case", NOT_PROBABILITIES)
+@pytest.mark.parametrize("metric", [expected_calibration_error, brier_score])
+@pytest.mark.parametrize("averaged", [False, True])
+def test_metrics_refuse_what_is_not_probabilities(case, metric, averaged):
+    make, match = NOT_PROBABILITIES[case]
+    p = make()
+    if not averaged:
+        p = p[0]
+    with pytest.raises(ValueError, match=match.replace("^p", "probs").replace("p must", "probs must")):
+        metric(p, np.zeros(4, dtype=np.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rounded_softmax_probabilities_are_accepted(dtype):
+    p = torch.softmax(torch.randn(8, 16, 1000) * 4, -1).to(dtype)
+    uncertainty(p)
+    brier_score(p[0], torch.zeros(16, dtype=torch.long))
+    rounded = np.round(np.random.default_rng(0).dirichlet(np.ones(5), size=(3, 4)), 3)  # three decimals, as printed
+    uncertainty(rounded)
+
+
+@pytest.mark.parametrize(
+    "mean, var, match",
+    [
+        (np.zeros((3, 4)), np.full((3, 4), -0.5), r"var must hold variances \(>= 0\), got values down to -0.5.*exp\(\)"),
+        (np.full((3, 4), np.nan), np.ones((3, 4)), "mean must hold finite values, got .* with NaN"),
+        (np.zeros((3, 4)), np.full((3, 4), np.nan), "var must hold finite values, got .* with NaN"),
+        (np.zeros((3, 4)), np.full((3, 4), np.inf), "var must hold finite values, got .* with an infinite value"),
+    ],
+)
+def test_regression_uncertainty_refuses_nan_and_negative_variances(mean, var, match):
+    with pytest.raises(ValueError, match=match):
+        regression_uncertainty(mean, var)
+
+
+def test_n_bins_takes_numpy_integers():
+    probs, labels = np.full((4, 2), 0.5), np.zeros(4, dtype=np.int64)
+    assert expected_calibration_error(probs, labels, n_bins=np.int64(3)) == expected_calibration_error(probs, labels, n_bins=3)

@@ -28,7 +28,7 @@ from .layers import (
 from .module import Module, kl
 from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 from .optim import SCALE_LR_RATIO, param_groups
-from .predict import predict, sample
+from .prediction import predict, sample
 from .priors import EmpiricalBayesPrior, FanInPrior, PretrainedPrior, PriorSpec
 from .sampling import deterministic
 from .uncertainty import (

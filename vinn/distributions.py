@@ -187,10 +187,16 @@ def kl_sum(posterior: Distribution, prior: Distribution) -> Tensor:
         return (posterior.log_prob(w) - prior.log_prob(w)).sum()
 
 
+def _variance_bounds(dtype: torch.dtype) -> tuple[float, float]:
+    """[MIN_SCALE², MAX_SCALE²] narrowed to what ``dtype`` holds (float16 reaches neither)."""
+    info = torch.finfo(dtype)
+    return max(MIN_SCALE**2, info.smallest_normal * info.eps), min(MAX_SCALE**2, info.max)
+
+
 def _bounded_exp(log_sigma2: Tensor) -> Tensor:
     # exp is monotone: clamping its result equals exponentiating the clamped input (inf and 0
     # included), and clamping in place saves a pass over every parameter
-    return log_sigma2.exp().clamp_(MIN_SCALE**2, MAX_SCALE**2)
+    return log_sigma2.exp().clamp_(*_variance_bounds(log_sigma2.dtype))
 
 
 def _bounded_log(log_sigma2: Tensor) -> Tensor:
@@ -271,5 +277,11 @@ def normal_kl(loc: Tensor, log_sigma2: Tensor, prior_loc: Tensor, prior_scale: T
     building σ, taking its log or materialising a scalar prior per element, and with the gradient
     in closed form: a handful of passes over the parameters instead of a dozen. (log σ² enters the
     ``- log σ²`` term unclamped, so past the bounds of `sigma2` the KL keeps pulling it back.)
+    16-bit parameters give a float32 KL, computed in float32.
     """
+    if loc.dtype in _LOW_PRECISION:  # KL sums over every element: a float16 sum overflows at 65504
+        loc, log_sigma2, prior_loc, prior_scale = (t.float() for t in (loc, log_sigma2, prior_loc, prior_scale))
     return _NormalKL.apply(loc, log_sigma2, prior_loc, prior_scale.square())
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
+from .layers import BayesianLayer
 from .module import kl as total_kl
+from .validation import integer, module, real, wrong_type
 
 _REDUCTIONS = ("sum", "mean", "batchmean")
 
@@ -16,7 +18,9 @@ _REDUCTIONS = ("sum", "mean", "batchmean")
 class ELBO:
     """Negative ELBO of a minibatch: ``nll + beta * kl(model)``, a 0-dim tensor to ``.backward()``.
 
-    Give exactly one of:
+    ``model`` must contain at least one vinn layer (ValueError otherwise: a model without one has
+    a KL of 0 forever, so the loss would silently be the criterion alone). ``criterion`` is a loss
+    instance or function, not a class. Give exactly one of:
 
     - ``beta``: the KL weight, used as is: ``loss = criterion(outputs, targets) + beta * model.kl``.
       With a "sum" criterion and M minibatches per epoch, ``beta = 1 / M`` (Blundell et al. 2015;
@@ -36,7 +40,8 @@ class ELBO:
       Here Σ nll is the sum of the criterion's unreduced loss, so class weights and ignored
       targets count as in the sum (a weighted "mean" would divide by the weights instead, which
       is not an ELBO), and n is the number of elements of the unreduced loss (B for
-      classification; B·D for a D-dimensional regression target).
+      classification; B·D for a D-dimensional regression target). A batch larger than N raises
+      ValueError: it is the sign of ``dataset_size=len(loader)``, the number of batches.
     """
 
     def __init__(
@@ -47,26 +52,36 @@ class ELBO:
         beta: float | None = None,
         dataset_size: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        module(model)
+        if isinstance(criterion, type):
+            raise wrong_type("criterion", "a loss function or loss module instance", criterion,
+                             f"pass an instance, {criterion.__name__}(...), not the class")
         if not callable(criterion):
-            raise TypeError(f"criterion must be callable (outputs, targets) -> loss, got {type(criterion).__name__}")
+            raise wrong_type("criterion", "callable as criterion(outputs, targets) -> loss", criterion)
         if (beta is None) == (dataset_size is None):
             raise ValueError("give exactly one of beta= (the KL weight) or dataset_size= (the number of training examples)")
-        reduction = getattr(criterion, "reduction", None)
+        reduction: Any = getattr(criterion, "reduction", None)
         if reduction == "none":
             raise ValueError("criterion has reduction='none': the ELBO needs a scalar loss; use 'sum' or 'mean'")
-        if beta is not None and (isinstance(beta, bool) or not float(beta) >= 0):
-            raise ValueError(f"beta must be a non-negative number, got {beta!r}")
-        self._unreduced = None
+        if beta is not None:
+            beta = real(beta, "beta", low=0, accepted="a non-negative finite real number (the KL weight)")
         if dataset_size is not None:
-            if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size <= 0:
-                raise ValueError(f"dataset_size must be a positive int (the number of training examples), got {dataset_size!r}")
+            dataset_size = integer(dataset_size, "dataset_size", what="the number of training examples, len(loader.dataset)")
             if reduction not in _REDUCTIONS:
                 raise TypeError(
                     f"with dataset_size=, criterion must be a torch.nn loss with reduction in {_REDUCTIONS}, "
                     f"got {type(criterion).__name__} (reduction={reduction!r}); pass beta= for other criteria"
                 )
+        if not any(isinstance(m, BayesianLayer) for m in model.modules()):
+            # its KL is 0 whatever happens: the loss would silently be the criterion alone
+            raise ValueError(
+                f"model ({type(model).__name__}) must contain a vinn layer, got one without any: its KL is 0 and the "
+                "ELBO would be the criterion alone; convert it with vinn.bayesify(model) or build it from vinn layers "
+                "(for a deterministic model, use the criterion itself)"
+            )
+        self._reduction = reduction
+        self._unreduced: Any = None  # the criterion with reduction="none", for dataset_size=
+        if dataset_size is not None:
             self._unreduced = copy.copy(criterion)
             self._unreduced.reduction = "none"
         self.model, self.criterion, self.beta, self.dataset_size = model, criterion, beta, dataset_size
@@ -74,15 +89,25 @@ class ELBO:
     def __call__(self, outputs: Tensor, targets: Tensor, *args: Any) -> Tensor:
         """Loss for one minibatch; ``args`` go to the criterion after the targets (GaussianNLLLoss's var)."""
         kl = total_kl(self.model)
-        if self._unreduced is None:
+        if self.beta is not None:
             nll = self.criterion(outputs, targets, *args)
+            if not isinstance(nll, Tensor):
+                raise wrong_type("criterion's result", "a 0-dim tensor (the loss)", nll)
             if nll.dim() != 0:
                 raise ValueError(f"criterion returned shape {tuple(nll.shape)}: the ELBO needs a 0-dim loss")
             return nll + self.beta * kl
+        if not isinstance(outputs, Tensor) or outputs.dim() == 0:
+            raise wrong_type("outputs", "a batch-first torch.Tensor (B, ...) with dataset_size=", outputs)
+        batch, dataset_size = outputs.shape[0], cast(int, self.dataset_size)  # given, as beta is not
+        if batch > dataset_size:
+            raise ValueError(
+                f"dataset_size must be at least the batch size, got dataset_size={self.dataset_size} for a batch of "
+                f"{batch}: it is the number of training examples, len(loader.dataset), not the number of "
+                "batches len(loader)"
+            )
         losses = self._unreduced(outputs, targets, *args)
-        batch = outputs.shape[0]
-        divisor = {"sum": 1, "mean": losses.numel(), "batchmean": batch}[self.criterion.reduction]
-        return (losses.sum() + (batch / self.dataset_size) * kl) / divisor
+        divisor = {"sum": 1, "mean": losses.numel(), "batchmean": batch}[self._reduction]
+        return (losses.sum() + (batch / dataset_size) * kl) / divisor
 
     def __repr__(self) -> str:
         weight = f"beta={self.beta}" if self.beta is not None else f"dataset_size={self.dataset_size}"

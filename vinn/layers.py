@@ -28,9 +28,9 @@ from .distributions import (
     MAX_SCALE,
     MIN_SCALE,
     PosteriorFamily,
+    check_arguments,
     check_posterior,
     check_prior,
-    check_arguments,
     family_name,
     has_finite_variance,
     is_normal,
@@ -43,6 +43,7 @@ from .distributions import (
 )
 from .priors import PriorSpec
 from .sampling import sampling_enabled
+from .validation import one_of, real
 
 # Default initial posterior scale of a freshly built layer: small against torch's default loc
 # initialisation (uniform with bound 1/sqrt(fan_in)), so a new network starts near a
@@ -105,6 +106,20 @@ class BayesianLayer(nn.Module):
             positional = [p for p in params if p.name not in ("device", "dtype")]
             factory = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params if p.name in ("device", "dtype")]
             cls.__signature__ = signature.replace(parameters=positional + extra + factory)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> BayesianLayer:
+        # torch.nn's device and dtype (and vinn's own arguments) are keyword-only here: a posterior
+        # passed positionally would otherwise reach torch as a device, with an obscure error
+        signature = getattr(cls, "__signature__", None)  # set for every layer with a torch.nn base
+        positional = [] if signature is None else [
+            p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+        if signature is not None and len(args) > len(positional):
+            raise TypeError(
+                f"{cls.__name__} takes at most {len(positional)} positional arguments ({', '.join(positional)}), got "
+                f"{len(args)}: pass posterior=, prior=, init_scale=, estimator=, device= and dtype= by keyword"
+            )
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -438,20 +453,16 @@ class BayesianLayer(nn.Module):
 
 
 def _check_init_scale(init_scale: object) -> None:
-    if callable(init_scale):
-        return
-    if isinstance(init_scale, bool) or not isinstance(init_scale, Real) or not (MIN_SCALE < init_scale < MAX_SCALE):
-        raise ValueError(
-            f"init_scale must be a float in ({MIN_SCALE}, {MAX_SCALE}) or a callable loc -> scale tensor, got {init_scale!r}"
-        )
+    if not callable(init_scale):
+        accepted = f"a float in ({MIN_SCALE}, {MAX_SCALE}) or a callable loc -> scale tensor such as vinn.RelativeScale"
+        real(init_scale, "init_scale", low=MIN_SCALE, high=MAX_SCALE, low_open=True, high_open=True, accepted=accepted)
 
 
 def _check_estimator(estimator: str | None, posterior: PosteriorFamily) -> str:
     """The estimator to use: the given one if it suits the posterior; by default LRT for Normal."""
     if estimator is None:
         return "lrt" if is_normal(posterior) else "sample"
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS} or None, got {estimator!r}")
+    one_of(estimator, "estimator", ESTIMATORS)
     if estimator == "lrt" and not is_normal(posterior):
         raise ValueError(f"estimator='lrt' needs a Normal posterior, got {family_name(posterior)}; use 'sample' or 'flipout'")
     if estimator == "flipout" and not is_symmetric(posterior):

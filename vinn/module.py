@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import validation
 from .layers import BayesianLayer
 
 
@@ -16,8 +17,9 @@ def kl(module: nn.Module) -> Tensor:
     """KL(q || p) of every vinn layer inside ``module`` (itself included), summed: a 0-dim tensor.
 
     A layer reachable by several paths (a shared layer) counts once. 0. (on the module's device)
-    when there is no vinn layer.
+    when there is no vinn layer. TypeError for anything but a `torch.nn.Module`.
     """
+    validation.module(module, "module")
     terms = [m.kl for m in module.modules() if isinstance(m, BayesianLayer)]
     if terms:
         return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()

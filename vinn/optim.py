@@ -52,7 +52,8 @@ def param_groups(
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if not (0 <= value < float("inf")):
             raise ValueError(f"{name} must be a non-negative, finite float, got {value!r}")
-    scales, others = [], []
+    scales: list[nn.Parameter] = []
+    others: list[nn.Parameter] = []
     for name, parameter in model.named_parameters():  # each parameter once, shared ones included
         (scales if name.endswith(LOG_VARIANCE_SUFFIX) else others).append(parameter)
     groups = [

@@ -16,6 +16,7 @@ import numpy as np
 from torch import Tensor
 
 from .uncertainty import ECE_BINS, expected_calibration_error
+from .validation import integer, wrong_type
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -48,16 +49,9 @@ def _figure(n_panels: int, n_columns: int | None = None, panel_size: float = _PA
     return figure, axes[:n_panels]
 
 
-def _check_positive_int(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-
-
 def _non_empty_mapping(x: object, name: str) -> Mapping:
     if not isinstance(x, Mapping):
-        raise TypeError(f"{name} must be a dict, got {type(x).__name__}")
+        raise wrong_type(name, "a dict", x)
     if not x:
         raise ValueError(f"{name} must not be empty")
     return x
@@ -74,7 +68,7 @@ def reliability_diagram(probs_by_model: Mapping[str, object], labels: object, n_
     default is the metric's, so the titles agree with it).
     """
     _non_empty_mapping(probs_by_model, "probs_by_model")
-    _check_positive_int(n_bins, "n_bins")
+    integer(n_bins, "n_bins")
     labels = _array(labels, "labels", (1,))
     figure, axes = _figure(len(probs_by_model))
     edges = np.linspace(0, 1, n_bins + 1)
@@ -108,13 +102,13 @@ def confidence_histograms(scores: Mapping[str, object], bins: int = 20) -> Figur
     (e.g. one per model). Each histogram is normalised to a density, so groups of different
     sizes compare.
     """
-    _non_empty_mapping(scores, "scores")
+    scores = _non_empty_mapping(scores, "scores")
     panels = scores if all(isinstance(v, Mapping) for v in scores.values()) else {"": scores}
-    _check_positive_int(bins, "bins")
+    integer(bins, "bins")
     figure, axes = _figure(len(panels))
     edges = np.linspace(0, 1, bins + 1)
     for ax, (title, groups) in zip(axes, panels.items()):
-        _non_empty_mapping(groups, f"scores[{title!r}]")
+        groups = _non_empty_mapping(groups, f"scores[{title!r}]")
         for group_name, group_scores in groups.items():
             # a group may be empty (a model with no wrong prediction): it stays in the legend, as (0)
             group_scores = _array(group_scores, f"scores[{group_name!r}]", (1,), empty=True)
@@ -165,7 +159,7 @@ def image_grid(images: object, titles: Sequence[str], n_columns: int = 8) -> Fig
         raise TypeError("titles must be a sequence of strings, one per image")
     if len(titles) != len(images):
         raise ValueError(f"titles must have one string per image ({len(images)}), got {len(titles)}")
-    _check_positive_int(n_columns, "n_columns")
+    integer(n_columns, "n_columns")
     figure, axes = _figure(len(images), min(n_columns, len(images)), panel_size=1.4)
     for ax, image, title in zip(axes, images, titles):
         ax.imshow(image, cmap="gray_r")

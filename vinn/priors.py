@@ -13,7 +13,6 @@ import math
 from numbers import Real
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from torch import Tensor
 from torch.distributions import Distribution, Normal
 

@@ -3,33 +3,63 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterator
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
+from torch.utils._contextlib import _NoParamDecoratorContextManager
 
-_state = threading.local()
+from .validation import integer, is_integer, wrong_type
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# How many `deterministic` contexts are open: a context variable, so it is local to the thread and
+# to the asyncio task (each task runs in a copy of its creator's context), and torch.compile reads
+# it with a guard, recompiling for the other value.
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("vinn_deterministic_depth", default=0)
 
 
 def sampling_enabled() -> bool:
-    """False inside `deterministic()` (in this thread), True otherwise."""
-    return getattr(_state, "depth", 0) == 0
+    """False inside `deterministic()` (in this thread or asyncio task), True otherwise."""
+    return _depth.get() == 0
 
 
-@contextlib.contextmanager
-def deterministic() -> Iterator[None]:
+class deterministic(_NoParamDecoratorContextManager):
     """Make every vinn layer compute with its posterior loc instead of sampling.
 
-    Thread-local and nestable; usable as a context manager or a decorator::
+    Used as `torch.no_grad` is: a context manager, a decorator with or without parentheses
+    (``@vinn.deterministic`` or ``@vinn.deterministic()``), and an object that can be entered
+    again and nested::
 
         with vinn.deterministic():
             y = bnn(x)          # the network at the posterior mean
+
+    Local to the thread and to the asyncio task. A decorated generator function is
+    deterministic while it runs, not between its yields; a decorated ``async def`` is
+    deterministic while its coroutine runs.
     """
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _state.depth -= 1
+
+    def __enter__(self) -> None:
+        _depth.set(_depth.get() + 1)
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        _depth.set(_depth.get() - 1)
+
+    def __call__(self, function: F) -> F:
+        if not callable(function):
+            raise wrong_type("vinn.deterministic's argument", "a function to decorate (or nothing)", function)
+        if inspect.iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def run(*args: Any, **kwargs: Any) -> Any:
+                with self.clone():
+                    return await function(*args, **kwargs)
+
+            return run  # type: ignore[return-value]
+        return super().__call__(function)
 
 
 @contextlib.contextmanager
@@ -46,12 +76,10 @@ def seeded(generator: torch.Generator | int | None, device: torch.device) -> Ite
     if generator is None:
         yield
         return
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        if generator < 0:
-            raise ValueError(f"generator as a seed must be a non-negative int, got {generator}")
-        generator = torch.Generator().manual_seed(generator)
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+        if not is_integer(generator):
+            raise wrong_type("generator", "a torch.Generator, an int seed or None", generator)
+        generator = torch.Generator().manual_seed(integer(generator, "generator", minimum=0, what="a seed"))
     seed = int(torch.randint(1 << 62, (), generator=generator, device=generator.device))
     backend = None if device.type == "cpu" else getattr(torch, device.type)
     index = [] if backend is None else [backend.current_device() if device.index is None else device.index]

@@ -18,13 +18,14 @@ References:
 
 from __future__ import annotations
 
-import numbers
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .validation import finite, integer
 
 __all__ = [
     "auroc",
@@ -56,17 +57,42 @@ def _tensor(x: object, name: str) -> tuple[Tensor, bool]:
 
 
 def _probabilities(x: object, name: str, ranks: tuple[int, ...] = (3,)) -> tuple[Tensor, bool]:
-    """Check that ``x`` is floating probabilities of one of the layouts in ``ranks``."""
+    """Check that ``x`` is floating probabilities of one of the layouts in ``ranks``: each in
+    [0, 1], no NaN, summing to 1 over the classes (the last dimension)."""
     t, was_numpy = _tensor(x, name)
     if t.ndim not in ranks or min(t.shape) < 1 or t.shape[-1] < 2:
         layouts = " or ".join(_LAYOUTS[r] for r in ranks)
         raise ValueError(f"{name} must have shape {layouts} with C >= 2, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must hold floating-point probabilities, got dtype {t.dtype}")
+    _check_distribution(t.detach(), name)
     return t, was_numpy
 
 
-def _back(t: Tensor, was_numpy: bool) -> np.ndarray | Tensor:
+def _check_distribution(t: Tensor, name: str) -> None:
+    """ValueError unless every row of ``t`` along its last dimension is a probability vector."""
+    if bool(t.isnan().any()):
+        raise ValueError(f"{name} must hold probabilities, got NaN (a diverged model or a 0/0 upstream)")
+    low, high = t.min().item(), t.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"{name} must hold probabilities in [0, 1], got values in [{low:.4g}, {high:.4g}]: this looks like "
+            "logits; apply softmax over the classes (the last dimension), or use vinn.predict, which does"
+        )
+    # each term is off by its relative rounding error, so the sum by about eps (bfloat16: 0.8%);
+    # probabilities printed with 3 decimals by up to C * 0.0005; unnormalised scores by far more
+    tolerance = max(0.01, 2 * torch.finfo(t.dtype).eps)
+    sums = t.sum(-1, dtype=_metric_dtype(t))
+    error = (sums - 1).abs().max().item()
+    if error > tolerance:
+        raise ValueError(
+            f"{name} must sum to 1 over the classes (the last dimension), got sums in [{sums.min().item():.4g}, "
+            f"{sums.max().item():.4g}]: this looks like unnormalised scores or independent sigmoids; apply softmax "
+            "over the classes, or use vinn.predict, which does"
+        )
+
+
+def _back(t: Tensor, was_numpy: bool) -> Any:  # the kind the caller gave: an Array
     return t.numpy() if was_numpy else t
 
 
@@ -166,10 +192,7 @@ def expected_calibration_error(probs: Array, labels: Array, n_bins: int = ECE_BI
     ``probs``: ``(N, C)`` predictive probabilities, or ``(T, N, C)`` samples averaged over ``T``.
     ``labels``: ``(N,)`` integer class indices.
     """
-    if not isinstance(n_bins, numbers.Integral) or isinstance(n_bins, bool):
-        raise TypeError(f"n_bins must be a positive int, got {n_bins!r}")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins}")
+    n_bins = integer(n_bins, "n_bins")
     t, y = _mean_probabilities_and_labels(probs, labels)
     n = len(y)
     confidence, predicted = t.max(1)
@@ -242,4 +265,10 @@ def regression_uncertainty(mean: Array, var: Array) -> tuple[Array, Array]:
     for t, name in ((m, "mean"), (v, "var")):
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
+        finite(t.detach(), name)
+    if bool((v.detach() < 0).any()):
+        raise ValueError(
+            f"var must hold variances (>= 0), got values down to {v.min().item():.4g}: if the model predicts "
+            "log-variances, pass their exp()"
+        )
     return _back(v.mean(0), was_numpy), _back(m.var(0, correction=0), was_numpy)

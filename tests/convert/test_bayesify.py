@@ -240,7 +240,8 @@ def test_functional_calls_on_own_parameters_become_layers():
 def test_functional_calls_that_must_stay_deterministic_are_reported():
     torch.manual_seed(0)
     model = FunctionalKept()
-    bnn = vinn.bayesify(model)
+    with pytest.warns(UserWarning, match="bayesify converted no layer of FunctionalKept"):
+        bnn = vinn.bayesify(model)
     assert reasons(bnn) == {
         "attention.out_proj": "read directly by leaf module attention",
         "twice": "parameter twice used elsewhere in forward",
@@ -265,7 +266,8 @@ def test_tied_weights_stay_deterministic():
     assert_same_outputs(bnn, model, tokens)
 
     functional = TiedFunctional()
-    assert reasons(vinn.bayesify(functional)) == {"embed": "parameter read directly in forward (embed.weight)"}
+    with pytest.warns(UserWarning, match="converted no layer"):
+        assert reasons(vinn.bayesify(functional)) == {"embed": "parameter read directly in forward (embed.weight)"}
 
 
 def test_untraceable_model_is_converted_by_walking_its_module_tree():
@@ -403,8 +405,8 @@ def test_report_is_data_and_prints_readably(capsys):
         ({"init_scale": "small"}, TypeError, "init_scale"),
         ({"init_scale": -1.0}, ValueError, "init_scale"),
         ({"config": {"fc": None}}, TypeError, "config"),
-        ({"config": vinn.BayesConfig(), "init_scale": 0.1}, TypeError, "LayerSpec"),
-        ({"config": vinn.BayesConfig(), "prior": vinn.PretrainedPrior()}, TypeError, "LayerSpec"),
+        ({"config": vinn.BayesConfig(), "init_scale": 0.1}, ValueError, "LayerSpec"),
+        ({"config": vinn.BayesConfig(), "prior": vinn.PretrainedPrior()}, ValueError, "LayerSpec"),
     ],
 )
 def test_bad_arguments_fail_early(kwargs, error, match):
@@ -419,3 +421,127 @@ def test_bad_models_fail_early():
         vinn.bayesify(nn.Linear(2, 3))
     with pytest.raises(ValueError, match="cannot convert shared"):  # an elementwise prior of the wrong shape
         vinn.bayesify(CalledTwice(), prior=Normal(torch.zeros(5), 1.0))
+
+
+def test_torchscript_models_are_refused():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in recent torch
+        scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 3)))
+    with pytest.raises(TypeError, match=r"model must be a Python torch.nn.Module.*before torch.jit.script"):
+        vinn.bayesify(scripted)
+
+
+# -- what the user set on the model is kept --------------------------------------------------------
+
+
+class Blocks(nn.Module):
+    """Nested containers, which torch.fx recreates in the result, and a functional layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), nn.Dropout(0.5))
+        self.head = nn.Linear(4, 2)
+        self.w = nn.Parameter(torch.randn(2, 2))
+
+    def forward(self, x):
+        return F.linear(self.head(self.trunk(x)), self.w)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "mixed"])
+def test_every_module_of_the_result_has_the_mode_of_the_input(mode):
+    model = Blocks().train(mode == "train")
+    if mode == "mixed":
+        model.trunk[0].eval()
+    bnn = vinn.bayesify(model)
+    modes = dict((name, m.training) for name, m in model.named_modules())
+    for name, module in bnn.named_modules():
+        owner = name if name in modes else name.rpartition(".")[0]  # "w": the functional layer
+        assert module.training == modes[owner], name
+
+
+def test_a_fresh_conversion_of_an_eval_model_shares_its_trunk():
+    torch.manual_seed(0)
+    bnn = vinn.bayesify(Blocks().eval(), last=1)
+    calls = []
+    bnn.get_submodule("trunk.0.0").register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    vinn.sample(bnn, torch.randn(3, 3), samples=8)
+    assert calls == [3], "no explicit .eval() needed"
+
+
+@pytest.mark.parametrize("where", ["converted layer", "kept module", "model", "container"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "forward_with_kwargs", "full_backward"])
+def test_hooks_are_kept(where, kind):
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    target = {"converted layer": model.head, "kept module": model.trunk[0][1], "model": model,
+              "container": model.trunk[0]}[where]  # fmt: skip
+    seen = []
+    if kind == "forward":
+        target.register_forward_hook(lambda module, args, out: seen.append(1) or out * 0)
+    elif kind == "forward_with_kwargs":
+        target.register_forward_hook(lambda module, args, kwargs, out: seen.append(1) or out * 0, with_kwargs=True)
+    elif kind == "forward_pre":
+        target.register_forward_pre_hook(lambda module, args: seen.append(1) or (args[0] * 0,))
+    else:
+        target.register_full_backward_hook(lambda module, grad_input, grad_output: seen.append(1))
+    x = torch.randn(5, 3, requires_grad=kind == "full_backward")
+    expected = model(x)
+    if kind == "full_backward":
+        expected.sum().backward()
+        bnn = vinn.bayesify(model)
+        bnn(x).sum().backward()
+        assert seen == [1, 1], "the backward hook ran in the result"
+        return
+    assert seen == [1]
+    bnn = vinn.bayesify(model)
+    with vinn.deterministic():
+        torch.testing.assert_close(bnn(x), expected)
+    assert seen == [1, 1], "the hook ran in the result"
+    net = vinn.to_deterministic(bnn)
+    torch.testing.assert_close(net(x), expected)
+    assert seen == [1, 1, 1], "and in the deterministic model back"
+    assert not any(m.training for m in net.modules())
+
+
+def test_hooked_container_keeps_its_children_deterministic_with_a_reason():
+    model = Blocks()
+    model.trunk.register_forward_hook(lambda module, args, out: out)
+    bnn = vinn.bayesify(model)
+    reasons = {layer.name: layer.reason for layer in bnn.conversion_report.kept}
+    assert reasons == {"trunk.0.0": "inside trunk, called whole so that its hooks keep running"}
+
+
+# -- conversions that convert nothing, or config rules that match nothing ------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (vinn.BayesConfig().set_name("haed", vinn.LayerSpec()), r"set_name\('haed', ...\) matches no"),
+        (vinn.BayesConfig().set_type(nn.Conv2d, vinn.LayerSpec()), r"set_type\(nn.Conv2d, ...\) matches no"),
+    ],
+)
+def test_config_rules_matching_no_layer_warn(config, match):
+    with pytest.warns(UserWarning, match=match):
+        vinn.bayesify(Blocks(), config)
+
+
+@pytest.mark.parametrize(
+    "model, kwargs",
+    [(nn.Sequential(nn.ReLU()), {}), (Blocks(), {"config": vinn.BayesConfig().set_global(None)})],
+)
+def test_converting_nothing_warns(model, kwargs):
+    with pytest.warns(UserWarning, match="bayesify converted no layer .*KL is 0"):
+        bnn = vinn.bayesify(model, **kwargs)
+    assert float(bnn.kl) == 0
+
+
+def test_frozen_parameters_stay_frozen():
+    model = Blocks()
+    model.head.requires_grad_(False)
+    bnn = vinn.bayesify(model)
+    head = bnn.get_submodule("head")
+    assert not any(p.requires_grad for p in head.parameters()), "loc and scale of a frozen layer"
+    assert all(p.requires_grad for p in bnn.get_submodule("trunk.0.0").parameters())
+    net = vinn.to_deterministic(bnn)
+    assert not any(p.requires_grad for p in net.get_submodule("head").parameters())

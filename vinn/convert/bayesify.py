@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,12 +35,13 @@ from torch.distributions import Distribution, Normal
 from torch.fx import Graph, Node
 from torch.nn.parameter import is_lazy
 
+from .. import validation
 from ..distributions import PosteriorFamily
 from ..layers import BayesianLayer, InitScale, layer_types
 from ..module import Module
 from ..priors import PriorSpec
 from .config import CONVERTED_INIT_SCALE, BayesConfig, LayerSpec, layer_type_name
-from .models import BayesianGraphModule, bayesian_subclass, user_class
+from .models import BayesianGraphModule, bayesian_subclass, copy_hooks, has_hooks, user_class
 from .report import ConversionReport, LayerReport
 
 
@@ -83,6 +84,13 @@ class _Tracer(torch.fx.Tracer):
         return leaf or super().is_leaf_module(module, qualified_name)
 
 
+class _HookKeepingTracer(_Tracer):
+    """Also keeps every submodule with hooks as a leaf: called whole, its hooks run in the result."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return (bool(qualified_name) and has_hooks(module)) or super().is_leaf_module(module, qualified_name)
+
+
 @dataclass
 class _Candidate:
     """A Linear/Conv layer of the model: a module, or a functional call on the model's parameters."""
@@ -114,7 +122,13 @@ def bayesify(
     dilation, groups, output_padding, padding_mode, bias, dtype, device); its posterior loc is
     the pretrained weight and bias, so inside `vinn.deterministic()` the result computes exactly
     what ``model`` computes. ``model`` itself is not modified. The result is a `vinn.Module`
-    (``.kl`` sums the KL of the converted layers) in ``model``'s train/eval mode.
+    (``.kl`` sums the KL of the converted layers) whose every module (the containers torch.fx
+    creates included) is in the train/eval mode of its counterpart in ``model``. What the user
+    set is kept: hooks on ``model`` and on converted layers, frozen parameters (a frozen layer's
+    posterior scale is frozen too). A submodule with hooks is called whole, so that its hooks
+    keep running; its layers stay deterministic (reported). A `BayesConfig` rule that matches no
+    layer, and a conversion that converts nothing, warn (``UserWarning``). TorchScript modules
+    are refused (TypeError): convert the Python model before scripting it.
 
     How: torch.fx traces ``model``, and every call of a module of exactly a supported type is
     converted (a subclass, which may compute something else, is kept), as is every
@@ -146,20 +160,21 @@ def bayesify(
     Returns:
         The Bayesian model; its `ConversionReport` is ``bnn.conversion_report``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    validation.module(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise validation.wrong_type(
+            "model", "a Python torch.nn.Module", model,
+            "TorchScript keeps no Python modules to replace: call vinn.bayesify on the model before torch.jit.script/trace",
+        )
     if type(model) in layer_types():
         vinn_layer = layer_types()[type(model)].__name__
         raise TypeError(f"model is a single {type(model).__name__}: use vinn.{vinn_layer}.from_torch(model)")
     config = _resolve_config(config, LayerSpec(posterior, prior, init_scale, estimator))
-    if last is not None and (isinstance(last, bool) or not isinstance(last, int)):
-        raise TypeError(f"last must be a positive int or None, got {type(last).__name__}")
-    if last is not None and last < 1:
-        raise ValueError(f"last must be a positive int (how many layers to convert), got {last}")
+    last = validation.optional_integer(last, "last", what="how many layers to convert")
 
     root = copy.deepcopy(model)  # all the work happens on this copy
     try:
-        graph = _Tracer().trace(root)
+        graph = _HookKeepingTracer().trace(root)
     except Exception as error:  # whatever user code raises on proxies means: not traceable
         trace_error = f"{type(error).__name__}: {error}"
         warnings.warn(
@@ -176,7 +191,17 @@ def bayesify(
         candidates = _graph_candidates(root, graph)
 
     _decide(candidates, config, last)
+    for rule in config.unused_rules([(c.name, type(c.layer) if c.layer is not None else None) for c in candidates]):
+        warnings.warn(f"bayesify: the config rule {rule} matches no layer of {type(model).__name__} that vinn converts",
+                      UserWarning, stacklevel=2)
     converted = [c for c in candidates if c.spec is not None]
+    if not converted:
+        warnings.warn(
+            f"bayesify converted no layer of {type(model).__name__}: the result is deterministic and its KL is 0; "
+            "see bnn.conversion_report for why each layer was kept",
+            UserWarning,
+            stacklevel=2,
+        )
     modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.call is None}
     _replace_modules(bnn, modules)
     for candidate in converted:
@@ -190,9 +215,11 @@ def bayesify(
                 node.type = None
         bnn.graph.lint()
         bnn.recompile()
+        copy_hooks(root, bnn)
     elif not isinstance(bnn, Module):
         bnn.__class__ = bayesian_subclass(type(bnn))
 
+    _copy_modes(model, bnn)
     bnn.conversion_report = ConversionReport(
         layers=tuple(
             LayerReport(c.name, c.kind, c.parameters, converted=c.spec is not None, reason=c.reason)
@@ -215,14 +242,16 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     fallback), neither a `vinn.Module`. Works on any module containing vinn layers, such as a
     `vinn.Module` written by hand (its class is kept). ``model`` is not modified.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    validation.module(model)
     if isinstance(model, BayesianLayer):
-        return model.to_torch()
+        return _torch_layer(model)
     net = copy.deepcopy(model)
-    _replace_modules(net, {id(m): m.to_torch() for m in net.modules() if isinstance(m, BayesianLayer)})
+    _replace_modules(net, {id(m): _torch_layer(m) for m in net.modules() if isinstance(m, BayesianLayer)})
     if isinstance(net, BayesianGraphModule):
-        return torch.fx.GraphModule(net, net.graph, class_name=type(net).__name__)
+        graph_module = torch.fx.GraphModule(net, net.graph, class_name=type(net).__name__)
+        copy_hooks(net, graph_module)
+        _copy_modes(model, graph_module)
+        return graph_module
     original_class = user_class(net)
     if original_class is not None:
         net.__class__ = original_class
@@ -230,14 +259,21 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     return net
 
 
+def _torch_layer(layer: BayesianLayer) -> nn.Module:
+    """``layer.to_torch()`` with ``layer``'s hooks and frozen parameters."""
+    module = layer.to_torch()
+    _keep_settings(layer, module)
+    return module
+
+
 def _resolve_config(config: BayesConfig | None, keywords: LayerSpec) -> BayesConfig:
     """``config``, or without one, the config giving every layer the spec of bayesify's keywords."""
     if config is None:
         return BayesConfig().set_global(keywords)
     if not isinstance(config, BayesConfig):
-        raise TypeError(f"config must be a vinn.BayesConfig or None, got {type(config).__name__}")
+        raise validation.wrong_type("config", "a vinn.BayesConfig or None", config)
     if keywords != LayerSpec(prior=_DEFAULT_PRIOR):
-        raise TypeError(
+        raise ValueError(  # arguments that contradict each other: a wrong value, as in vinn.ELBO
             "pass posterior, prior, init_scale and estimator in the LayerSpecs of config, not as keywords beside it"
         )
     return config
@@ -257,10 +293,11 @@ def _graph_candidates(root: nn.Module, graph: Graph) -> list[_Candidate]:
             read.add(node.target)
     tied = _tied_parameters(root)
     supported = tuple(layer_types())
+    hooked = {name: has_hooks(module) for name, module in root.named_modules()}
     candidates = []
     for name, module in root.named_modules():
         if isinstance(module, supported):
-            reason = _module_reason(name, module, called, tied) or _usage_reason(name, called, read)
+            reason = _module_reason(name, module, called, tied, hooked) or _usage_reason(name, called, read)
             candidates.append(_module_candidate(name, module, called.get(name, -1), reason))
     parameters = dict(root.named_parameters())
     functional: dict[str, _Candidate] = {}  # by weight name: a weight used by several calls is one entry
@@ -295,12 +332,19 @@ def _module_candidate(name: str, module: nn.Module, order: int, reason: str | No
     return _Candidate(name, type(module).__name__, parameters, order, reason, layer=module)
 
 
-def _module_reason(name: str, module: nn.Module, leaves: Iterable[str], tied: dict[str, str]) -> str | None:
-    """Why the module ``name`` cannot be converted, whatever the options; None if it can."""
+def _module_reason(
+    name: str, module: nn.Module, leaves: Iterable[str], tied: dict[str, str], hooked: Mapping[str, bool] | None = None
+) -> str | None:
+    """Why the module ``name`` cannot be converted, whatever the options; None if it can.
+
+    ``hooked`` says which modules have hooks (traced as whole leaves)."""
+    hooked = hooked or {}
     if isinstance(module, BayesianLayer):
         return "already a vinn layer"
     leaf = _leaf_ancestor(name, leaves)
     if leaf is not None:
+        if hooked.get(leaf):
+            return f"inside {leaf}, called whole so that its hooks keep running"
         return f"read directly by leaf module {leaf}"
     supported = layer_types()
     if type(module) not in supported:
@@ -420,7 +464,7 @@ def _decide(candidates: list[_Candidate], config: BayesConfig, last: int | None)
 def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
     layer, spec = candidate.layer, candidate.spec
     try:
-        return layer_types()[type(layer)].from_torch(
+        bayesian = layer_types()[type(layer)].from_torch(
             layer,
             posterior=spec.posterior,
             prior=spec.prior,
@@ -429,6 +473,32 @@ def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
         )
     except (TypeError, ValueError) as error:  # a prior or init_scale that does not fit this layer
         raise type(error)(f"cannot convert {candidate.name or 'the model'}: {error}") from error
+    _keep_settings(layer, bayesian)
+    return bayesian
+
+
+def _keep_settings(source: nn.Module, target: nn.Module) -> None:
+    """What the user set on ``source`` that a conversion rebuilds: its hooks, and which of weight and
+    bias are frozen (a vinn layer's posterior scale follows its loc)."""
+    copy_hooks(source, target)
+    bayesian = target if isinstance(target, BayesianLayer) else source
+    for name in bayesian.parameter_names:
+        if getattr(source, name) is not None:
+            frozen = not getattr(source, name).requires_grad
+            for parameter in (getattr(target, name), getattr(target, f"{name}_log_sigma2", None)):
+                if parameter is not None:
+                    parameter.requires_grad_(not frozen)
+
+
+def _copy_modes(model: nn.Module, bnn: nn.Module) -> None:
+    """Give every module of ``bnn`` the train/eval mode of the module of the same name in ``model``,
+    or of its nearest ancestor there (the containers torch.fx creates, a functional call's layer)."""
+    modes = {name: module.training for name, module in model.named_modules()}
+    for name, module in bnn.named_modules():
+        parts = name.split(".") if name else []
+        while ".".join(parts) not in modes:
+            parts.pop()
+        module.training = modes[".".join(parts)]
 
 
 def _replace_modules(root: nn.Module, replacements: dict[int, nn.Module]) -> None:

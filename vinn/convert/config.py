@@ -17,6 +17,7 @@ from torch.distributions import Distribution, Normal
 from ..distributions import PosteriorFamily, check_posterior
 from ..layers import InitScale, _check_estimator, _check_init_scale, _check_prior_argument, _default_prior, layer_types
 from ..priors import PriorSpec
+from ..validation import wrong_type, wrong_value
 
 # Starting from a pretrained network, the posterior scale starts an order of magnitude below a
 # fresh vinn layer's (vinn.layers.DEFAULT_INIT_SCALE): the converted model's samples stay close to
@@ -69,7 +70,7 @@ def layer_type_name(layer_type: type) -> str:
 
 def _check_spec(spec: object) -> None:
     if spec is not None and not isinstance(spec, LayerSpec):
-        raise TypeError(f"spec must be a vinn.LayerSpec or None (keep deterministic), got {type(spec).__name__}")
+        raise wrong_type("spec", "a vinn.LayerSpec or None (keep deterministic)", spec)
 
 
 class BayesConfig:
@@ -105,11 +106,11 @@ class BayesConfig:
     def set_type(self, module_type: type[nn.Module], spec: LayerSpec | None) -> BayesConfig:
         """The spec of every layer of exactly ``module_type`` (``nn.Linear``, ``nn.Conv2d``, ...)."""
         if not isinstance(module_type, type):
-            raise TypeError(f"module_type must be a torch.nn layer class, got {type(module_type).__name__}")
+            raise wrong_type("module_type", "a torch.nn layer class", module_type)
         supported = layer_types()
         if module_type not in supported:
             names = ", ".join(map(layer_type_name, supported))
-            raise ValueError(f"module_type must be a layer type vinn converts ({names}; see vinn.register_layer), got {module_type.__name__}")
+            raise wrong_value("module_type", f"a layer type vinn converts ({names}; see vinn.register_layer)", module_type)
         _check_spec(spec)
         self._by_type[module_type] = spec
         return self
@@ -117,7 +118,7 @@ class BayesConfig:
     def set_name(self, pattern: str, spec: LayerSpec | None) -> BayesConfig:
         """The spec of every layer whose qualified name matches the fnmatch ``pattern``; set later, wins."""
         if not isinstance(pattern, str):
-            raise TypeError(f"pattern must be a str (an fnmatch pattern), got {type(pattern).__name__}")
+            raise wrong_type("pattern", "a str (an fnmatch pattern)", pattern)
         _check_spec(spec)
         self._by_name.pop(pattern, None)  # setting a pattern again moves it to the end: it wins
         self._by_name[pattern] = spec
@@ -139,6 +140,17 @@ class BayesConfig:
         if not layer_types()[module_type].converted_by_default:
             return None, "opt-in type: name it with set_type or set_name"
         return self._global, "global"
+
+    def unused_rules(self, layers: list[tuple[str, type[nn.Module] | None]]) -> list[str]:
+        """The type and name rules that match none of ``layers`` ((qualified name, torch.nn type)
+        pairs), as readable strings: most likely a typo in a pattern, or a type the model lacks."""
+        unused = [f"set_type({layer_type_name(t)}, ...)" for t in self._by_type if all(t is not kind for _, kind in layers)]
+        unused += [
+            f"set_name({pattern!r}, ...)"
+            for pattern in self._by_name
+            if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in layers)
+        ]
+        return unused
 
     def __repr__(self) -> str:
         rules = [f"set_global({self._global!r})"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch.fx
 from torch import nn
@@ -18,6 +18,27 @@ from torch.fx.graph_module import reduce_graph_module
 
 from ..module import Module
 from .report import ConversionReport
+
+# Where nn.Module keeps the hooks registered on one module (forward, backward, state_dict, ...).
+_HOOK_DICTS = tuple(
+    name for name in vars(nn.Module()) if name.endswith("_hooks") or name.endswith("_hooks_with_kwargs")
+    or name.endswith("_hooks_always_called")
+)  # fmt: skip
+
+
+def has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+def copy_hooks(source: nn.Module, target: nn.Module, memo: dict[int, Any] | None = None) -> None:
+    """Register on ``target`` every hook registered on ``source``; with ``memo``, deep copies of them
+    (as ``copy.deepcopy`` of a module keeps them)."""
+    for name in _HOOK_DICTS:
+        hooks = getattr(source, name, None)
+        if hooks:
+            getattr(target, name).update(hooks if memo is None else copy.deepcopy(hooks, memo))
+    if source._backward_hooks:  # full (register_full_backward_hook) or legacy hooks: a module has one kind
+        target._is_full_backward_hook = source._is_full_backward_hook
 
 
 class BayesianGraphModule(torch.fx.GraphModule, Module):
@@ -27,6 +48,8 @@ class BayesianGraphModule(torch.fx.GraphModule, Module):
     ``conversion_report`` is the `ConversionReport` of the conversion that built it. Both survive
     ``copy.deepcopy`` and pickling, which for a plain GraphModule rebuild a plain GraphModule.
     """
+
+    conversion_report: ConversionReport | None
 
     def __init__(
         self,
@@ -46,9 +69,11 @@ class BayesianGraphModule(torch.fx.GraphModule, Module):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BayesianGraphModule:
         # GraphModule's deepcopy keeps the type but resets the class name and drops plain attributes
-        copied = super().__deepcopy__(memo)
+        copied = cast(BayesianGraphModule, super().__deepcopy__(memo))
         copied.__class__.__name__ = type(self).__name__
         copied.conversion_report = copy.deepcopy(self.conversion_report, memo)
+        # and keeps only the state_dict hooks of the model itself
+        copy_hooks(self, copied, memo)
         return copied
 
     def __copy__(self) -> BayesianGraphModule:
@@ -57,7 +82,7 @@ class BayesianGraphModule(torch.fx.GraphModule, Module):
 
 def _unpickle(state: dict[str, Any], import_block: str, class_name: str) -> BayesianGraphModule:
     plain = reduce_graph_module(state, import_block)
-    return BayesianGraphModule(plain, plain.graph, class_name, state.get("conversion_report"))
+    return BayesianGraphModule(plain, cast(torch.fx.Graph, plain.graph), class_name, state.get("conversion_report"))
 
 
 @functools.cache
@@ -79,7 +104,7 @@ def bayesian_subclass(user_class: type[nn.Module]) -> type[nn.Module]:
 
 
 def _new_instance(user_class: type[nn.Module]) -> nn.Module:
-    cls = bayesian_subclass(user_class)
+    cls = bayesian_subclass(user_class)  # type: ignore[arg-type]  # a class is hashable; torch's stub says otherwise
     return cls.__new__(cls)  # pickle then restores the state, as for any object
 
 

@@ -1,0 +1,391 @@
+"""Monte Carlo samples of the predictive distribution: `vinn.sample` and `vinn.predict`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import weakref
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.fx import Node
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import validation
+from .layers import BayesianLayer
+from .sampling import sampling_enabled, seeded
+
+# Largest output of one operation in a folded forward pass, in elements, when no chunk_size is
+# given; peak memory is a small multiple of it. On a CPU, passes whose activations stay within a
+# few hundred MB run fastest (measured: 256 rows of 3x32x32 beat 1024 by 15% on ResNet-18, whose
+# largest activation is 64x32x32 a row: 16M elements); a GPU wants large passes to hide kernel
+# launches, and 512 MB of float32 activation keeps ImageNet-sized convnets within a few GB.
+_AUTO_CHUNK_ELEMENTS_CPU = 1 << 24
+_AUTO_CHUNK_ELEMENTS_ACCELERATOR = 1 << 27
+
+_ACCEPTED_X = "a batched torch.Tensor (N, ...), a tuple of them or a mapping of names to them (all batch-first)"
+
+
+# -- the batch: a tensor, a tuple of tensors (model(*x)) or a mapping of tensors (model(**x)) ----
+
+
+@dataclasses.dataclass
+class _Batch:
+    args: tuple[Tensor, ...]
+    kwargs: dict[str, Tensor]
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.tensors())).shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.args, *self.kwargs.values()]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> _Batch:
+        return _Batch(tuple(map(fn, self.args)), {k: fn(v) for k, v in self.kwargs.items()})
+
+    def folded(self, samples: int) -> _Batch:
+        """Each (N, ...) tensor repeated ``samples`` times along the batch: (samples * N, ...), sample-major."""
+        return self.map(lambda v: v.expand(samples, *v.shape).reshape(samples * v.shape[0], *v.shape[1:]))
+
+    def __call__(self, model: Callable[..., Any]) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+def _batch(x: object) -> _Batch:
+    """``x`` checked and unpacked (API.md §7): every tensor batch-first, of one batch size N."""
+    if isinstance(x, Tensor):
+        batch, named = _Batch((x,), {}), {"x": x}
+    elif isinstance(x, tuple):
+        batch, named = _Batch(x, {}), {f"x[{i}]": v for i, v in enumerate(x)}
+    elif isinstance(x, Mapping):
+        batch, named = _Batch((), dict(x)), {f"x[{k!r}]": v for k, v in x.items()}
+    else:
+        hint = "for a model taking several tensors, pass a tuple (model(*x))" if isinstance(x, list) else ""
+        raise validation.wrong_type("x", _ACCEPTED_X, x, hint)
+    if not named:
+        raise validation.wrong_value("x", _ACCEPTED_X, x)
+    for name, value in named.items():
+        if not isinstance(value, Tensor):
+            raise validation.wrong_type(name, "a batched torch.Tensor (N, ...)", value)
+        if value.dim() == 0:
+            raise validation.wrong_value(name, "a batched torch.Tensor (N, ...)", value)
+    sizes = {name: value.shape[0] for name, value in named.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"x must hold tensors of one batch size N (all batch-first), got batch sizes {sizes}")
+    return batch
+
+
+# -- model outputs: tensors in any nesting of tuples, lists, dicts, namedtuples and dataclasses ---
+
+
+def _map_outputs(fn: Callable[[list[Tensor], str], Tensor], trees: list[Any], path: str = "output") -> Any:
+    """The structure of ``trees[0]`` with each tensor leaf ``fn(leaves, path)``, ``leaves`` that
+    leaf in every tree; None leaves stay None."""
+    first = trees[0]
+    if isinstance(first, Tensor):
+        return fn(trees, path)
+    if first is None:
+        return None
+    if isinstance(first, tuple) and hasattr(first, "_fields"):  # a namedtuple
+        return type(first)(*(_map_outputs(fn, [t[i] for t in trees], f"{path}.{f}") for i, f in enumerate(first._fields)))
+    if isinstance(first, (tuple, list)):
+        return type(first)(_map_outputs(fn, [t[i] for t in trees], f"{path}[{i}]") for i in range(len(first)))
+    if isinstance(first, Mapping):
+        mapping: MutableMapping[Any, Any] = copy.copy(first) if isinstance(first, MutableMapping) else {}
+        for key in first:
+            mapping[key] = _map_outputs(fn, [t[key] for t in trees], f"{path}[{key!r}]")
+        return mapping
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        instance = copy.copy(first)
+        for field in dataclasses.fields(first):
+            value = _map_outputs(fn, [getattr(t, field.name) for t in trees], f"{path}.{field.name}")
+            object.__setattr__(instance, field.name, value)  # frozen dataclasses too
+        return instance
+    raise validation.wrong_type(
+        path, "a tensor or a tuple, list, dict, namedtuple or dataclass of tensors (None kept)", first,
+        "vinn.sample stacks the tensors of T forward passes",
+    )
+
+
+def _split(y: Any, samples: int, n: int) -> Any:
+    """Each (samples * N, ...) tensor of ``y`` as (samples, N, ...)."""
+
+    def split(leaves: list[Tensor], path: str) -> Tensor:
+        (leaf,) = leaves
+        if leaf.dim() == 0 or leaf.shape[0] != samples * n:
+            raise ValueError(
+                f"model outputs must be batch-first, one row per input example: {path} has shape "
+                f"{tuple(leaf.shape)} for a batch of {samples * n} rows ({samples} sample(s) of N = {n}); "
+                "vinn.sample stacks the outputs of T passes into (T, N, ...)"
+            )
+        return leaf.reshape(samples, n, *leaf.shape[1:])
+
+    return _map_outputs(split, [y])
+
+
+def _cat(chunks: list[Any]) -> Any:
+    return _map_outputs(lambda leaves, path: torch.cat(leaves), chunks)
+
+
+# -- what the operations of a pass do ------------------------------------------------------------
+
+
+class _Watch(TorchDispatchMode):
+    """Sees every aten operation run inside it: whether one draws random numbers (torch tags those
+    ``nondeterministic_seeded``, whatever Python function called them) and the largest output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.random = False
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.random = self.random or torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+def _per_example_noise(model: nn.Module) -> bool:
+    return all(m.per_example_noise for m in model.modules() if isinstance(m, BayesianLayer))
+
+
+# -- the shared trunk of a torch.fx model -------------------------------------------------------
+
+
+class _FindRandom(torch.fx.Interpreter):
+    """Runs the part of a graph that draws no random numbers, finding the nodes that do.
+
+    A node is random if it is a vinn layer (not run), depends on a random node (not run), or
+    draws random numbers when run (`_Watch`). ``kept`` holds the values that random nodes and the
+    output read from deterministic ones: what the trunk hands to the rest.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        super().__init__(module)
+        self.random: set[Node] = set()
+        self.kept: dict[Node, Any] = {}
+
+    def run_node(self, node: Node) -> Any:
+        inputs = node.all_input_nodes
+        random = node.op == "output" or any(i in self.random for i in inputs) or (
+            node.op == "call_module" and isinstance(self.module.get_submodule(str(node.target)), BayesianLayer)
+        )
+        value = None
+        if not random:
+            with _Watch() as watch:
+                value = super().run_node(node)
+            random = watch.random
+        if random:
+            self.random.add(node)
+            self.kept.update((i, self.env[i]) for i in inputs if i not in self.random)
+            return None
+        return value
+
+
+# model -> (what the split was built from, the split): building one costs milliseconds of code
+# generation, more than a whole prediction of a small model on a GPU.
+_Split = tuple[torch.fx.GraphModule, torch.fx.GraphModule]
+_splits: weakref.WeakKeyDictionary[torch.fx.GraphModule, tuple[object, _Split | None]] = weakref.WeakKeyDictionary()
+
+
+def _shared_trunk(model: torch.fx.GraphModule, args: tuple[Tensor, ...]) -> tuple[torch.fx.GraphModule, list[Any]] | None:
+    """(rest, values): the model after its deterministic trunk, and the trunk's values on ``args``.
+
+    The split is rebuilt only when the model's code or any of its modules changed; building it
+    runs the trunk, whose values are then used directly. None when there is no trunk to share.
+    """
+    # inside vinn.deterministic() a module holding vinn layers draws nothing: a split built there
+    # would share it
+    key = (model.code, tuple(map(id, model.modules())), len(args), sampling_enabled())
+    cached = _splits.get(model)
+    if cached is not None and cached[0] == key:
+        split = cached[1]
+        if split is None:
+            return None
+        trunk, rest = split
+        return rest, list(trunk(*args))
+    split, values = _split_at_first_sample(model, args)
+    _splits[model] = (key, split)
+    return None if split is None else (split[1], values)
+
+
+def _split_at_first_sample(model: torch.fx.GraphModule, args: tuple[Tensor, ...]) -> tuple[_Split | None, list[Any]]:
+    """(trunk, rest) and the trunk's values on ``args``: the deterministic computation on the input,
+    and what follows the first sampling.
+
+    ``trunk(*args)`` returns the tuple of values that ``rest(*values)`` needs; ``rest`` gives the
+    model's output. Random nodes are found by running the graph on ``args`` (`_FindRandom`), so a
+    random operation is recognised whatever calls it. (None, []) when there is no trunk to share
+    (the first node already samples) or the graph does not take ``args`` positionally.
+    """
+    nodes = list(model.graph.nodes)
+    if sum(node.op == "placeholder" for node in nodes) != len(args):
+        return None, []
+    finder = _FindRandom(model)
+    finder.run(*args)
+    random, kept = finder.random, finder.kept
+    batched: set[Node] = set()  # nodes that depend on the input
+    for node in nodes:
+        if node.op == "placeholder" or any(i in batched for i in node.all_input_nodes):
+            batched.add(node)
+    trunk_nodes = [n for n in nodes if n not in random]
+    shared = [n for n in trunk_nodes if n in batched and n in kept]
+    if all(n.op == "placeholder" for n in shared):
+        return None, []
+    trunk, rest = torch.fx.Graph(), torch.fx.Graph()
+    in_trunk: dict[Node, Node] = {}
+    for node in trunk_nodes:
+        in_trunk[node] = trunk.node_copy(node, in_trunk.__getitem__)
+    trunk.output(tuple(in_trunk[n] for n in shared))
+    in_rest = {n: rest.placeholder(f"shared_{i}") for i, n in enumerate(shared)}
+    for node in nodes:
+        if node not in in_rest and not (node in batched and node not in random):
+            in_rest[node] = rest.node_copy(node, in_rest.__getitem__)
+    parts = torch.fx.GraphModule(model, trunk), torch.fx.GraphModule(model, rest)
+    for part in parts:
+        part.graph.eliminate_dead_code()
+        part.recompile()
+    return parts, [kept[n] for n in shared]
+
+
+def _device(model: nn.Module) -> torch.device | None:
+    tensor: Tensor | None = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return None if tensor is None else tensor.device
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    x: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor],
+    samples: int = 16,
+    *,
+    chunk_size: int | None = None,
+    generator: torch.Generator | int | None = None,
+) -> Any:
+    """Outputs of ``samples`` sampled forward passes: shape (T, N, ...), T = ``samples``.
+
+    ``x`` is a batch: a tensor (N, ...) (``model(x)``), a tuple of tensors (``model(*x)``) or a
+    mapping of names to tensors (``model(**x)``, a tokenizer's batch), all batch-first with the
+    same N, moved to the model's device. The model's output may be a tensor or any nesting of
+    tuples, lists, dicts, namedtuples and dataclasses of tensors (None entries kept): the result
+    has the same structure, each tensor (N, ...) becoming (T, N, ...). Every output tensor must be
+    batch-first, one row per example (ValueError otherwise).
+
+    Each of the T outputs of every example is an independent draw of the predictive distribution.
+    When every vinn layer draws fresh noise per example (Normal posterior, local
+    reparameterization), the T passes are folded into the batch and run as
+    ``ceil(T / chunk_size)`` forward passes of ``chunk_size * N`` rows; otherwise each pass draws
+    its own weights, T passes in all. ``chunk_size`` (samples per pass) bounds the working set;
+    by default a first pass of one sample measures the largest output of any operation, and the
+    other passes are sized so that it stays within about 16M elements on a CPU, 128M on an
+    accelerator: memory stays bounded however wide the model's activations are.
+
+    For a torch.fx model in eval mode (what `vinn.bayesify` returns) called with positional
+    inputs, the deterministic trunk before the first random operation runs once on the N examples
+    and only the rest of the graph on the folded batch: with only the last layer Bayesian, T
+    samples cost little more than one pass. Random operations are recognised by what they run
+    (torch tags its random operations ``nondeterministic_seeded``): ``F.gumbel_softmax``, dropout
+    or a module drawing noise of its own is never shared across samples. This assumes the tensors
+    handed from trunk to rest are batch-first (N, ...), as checked.
+
+    Runs without gradients and does not change ``model.training``: call ``model.eval()`` first,
+    as for any prediction (dropout and batch-norm behave as in the mode the model is in).
+
+    ``generator`` (a `torch.Generator` or an int seed) makes the draws reproducible without
+    touching the global RNG: the same generator state gives the same samples, and the global
+    state after the call is what it was before (see `vinn.sampling.seeded`). Without it the
+    global RNG is used, as by any torch layer.
+    """
+    validation.module(model)
+    batch = _batch(x)
+    samples = validation.integer(samples, "samples", what="forward passes")
+    chunk_size = validation.optional_integer(chunk_size, "chunk_size", what="samples per forward pass")
+    device = _device(model)
+    if device is not None:
+        batch = batch.map(lambda v: v.to(device))
+    with seeded(generator, batch.tensors()[0].device):
+        return _sample(model, batch, samples, chunk_size)
+
+
+def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None) -> Any:
+    n = batch.size
+    if not _per_example_noise(model):
+        return _cat([_split(batch(model), 1, n) for _ in range(samples)])
+    # The trunk before the first sampling node is computed once and shared by all samples when
+    # the model is a torch.fx graph (as bayesify makes) in eval mode, whose shared values are
+    # batch-first tensors; otherwise the whole model runs on the folded batch.
+    if isinstance(model, torch.fx.GraphModule) and not batch.kwargs and not any(m.training for m in model.modules()):
+        found = _shared_trunk(model, batch.args)
+        if found is not None and all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n for v in found[1]):
+            model, batch = found[0], _Batch(tuple(found[1]), {})
+    chunks, done, per_pass = [], 0, chunk_size
+    if per_pass is None:
+        # one sample first, to see how large the activations of a sample are
+        with _Watch() as watch:
+            chunks.append(_split(batch.folded(1)(model), 1, n))
+        done = 1
+        accelerator = batch.tensors()[0].device.type != "cpu"
+        budget = _AUTO_CHUNK_ELEMENTS_ACCELERATOR if accelerator else _AUTO_CHUNK_ELEMENTS_CPU
+        per_pass = max(1, budget // max(1, watch.largest))
+    for start in range(done, samples, per_pass):
+        t = min(per_pass, samples - start)
+        chunks.append(_split(batch.folded(t)(model), t, n))
+    return _cat(chunks)
+
+
+def predict(
+    model: nn.Module,
+    x: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor],
+    samples: int = 16,
+    *,
+    chunk_size: int | None = None,
+    generator: torch.Generator | int | None = None,
+) -> Tensor:
+    """Class probabilities of ``samples`` sampled forward passes: (T, N, C), softmax over classes.
+
+    The model's outputs are logits with classes in dimension 1 (N, C, ...), as for
+    ``nn.CrossEntropyLoss``: a tensor, or an output with a ``logits`` key or attribute (a dict,
+    a namedtuple, a dataclass, a Hugging Face ``ModelOutput``). A binary classifier with one
+    logit per example, output (N,) or (N, 1, ...) as for ``nn.BCEWithLogitsLoss``, gets the
+    sigmoid: (T, N, 2, ...) probabilities of classes 0 and 1. Logits that give NaN probabilities
+    (NaN or +inf) raise ValueError. Feed the result to `vinn.uncertainty` or
+    `vinn.confidence_score`. See `sample` for inputs, batching, chunking, devices and
+    ``generator``.
+    """
+    logits = _logits(sample(model, x, samples, chunk_size=chunk_size, generator=generator))
+    if logits.dim() == 2:  # (T, N): one logit per example
+        logits = logits.unsqueeze(2)
+    if logits.shape[2] == 1:
+        probabilities = torch.cat([(-logits).sigmoid(), logits.sigmoid()], dim=2)
+    else:
+        probabilities = logits.softmax(dim=2)
+    if bool(probabilities.isnan().any()):
+        raise ValueError(
+            "model outputs must be finite logits, got NaN or +inf (NaN probabilities): check the model for "
+            "divergence, or its input for NaN"
+        )
+    return probabilities
+
+
+def _logits(output: Any) -> Tensor:
+    """The logits of a model output: the tensor itself, or its ``logits`` key or attribute, (T, N, ...)."""
+    logits = output
+    if isinstance(output, Mapping) and "logits" in output:
+        logits = output["logits"]
+    elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
+        logits = output.logits
+    accepted = "a tensor of logits, or an output with a 'logits' key or attribute; use vinn.sample for other outputs"
+    if not isinstance(logits, Tensor):
+        raise validation.wrong_type("the model's output (in vinn.predict)", accepted, output)
+    if not logits.is_floating_point():
+        raise validation.wrong_type("the model's logits (in vinn.predict)", "floating point", logits)
+    return logits
