@@ -47,6 +47,12 @@ def test_built_in_types_are_registered():
         nn.ConvTranspose2d: vinn.ConvTranspose2d,
         nn.ConvTranspose3d: vinn.ConvTranspose3d,
         nn.Embedding: vinn.Embedding,
+        nn.LayerNorm: vinn.LayerNorm,
+        nn.RMSNorm: vinn.RMSNorm,
+        nn.GroupNorm: vinn.GroupNorm,
+        nn.BatchNorm1d: vinn.BatchNorm1d,
+        nn.BatchNorm2d: vinn.BatchNorm2d,
+        nn.BatchNorm3d: vinn.BatchNorm3d,
     }
     vinn.layer_types().clear()  # a copy: the registry stays
     assert nn.Linear in vinn.layer_types()
