@@ -64,3 +64,17 @@ def test_uci_quality_benchmarks_run_in_quick_mode(script, tmp_path):
     )  # fmt: skip
     table = out.read_text()
     assert "| boston |" in table or "| vinn (recipe) |" in table, result.stdout
+
+
+@pytest.mark.slow
+def test_digits_ood_benchmark_runs_in_quick_mode(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- digits-ood:start -->\nold\n<!-- digits-ood:end -->\n")
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality" / "digits_ood.py"), "--quick", "--out", str(tmp_path), "--readme", str(readme)],
+        capture_output=True, text=True, timeout=900, check=True,
+    )  # fmt: skip
+    text = readme.read_text()
+    assert "old" not in text
+    for method in ("pretrained", "bayesify full", "bayesify last layer", "MC dropout", "deep ensemble"):
+        assert f"| {method} |" in text, text

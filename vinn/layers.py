@@ -157,7 +157,9 @@ class BayesianLayer(nn.Module):
 
     def random_parameters(self) -> dict[str, Tensor]:
         """The posterior loc of every random parameter the layer has (``bias=False``: no ``"bias"``), by name."""
-        return {name: loc for name in self.parameter_names if (loc := getattr(self, name)) is not None}
+        # no `:=` in a comprehension: torch.compile cannot trace it
+        locs = {name: getattr(self, name) for name in self.parameter_names}
+        return {name: loc for name, loc in locs.items() if loc is not None}
 
     # -- the prior, kept as buffers -----------------------------------------------------------------
 
@@ -366,7 +368,8 @@ class BayesianLayer(nn.Module):
             deltas = [self._perturbation(name) for name in self.parameter_names]
             flipped = self._op(input * self._random_signs(input), *deltas, *args, **kwargs)
             return mean + flipped * self._random_signs(mean)
-        draws = [None if (q := self._posterior(name)) is None else q.rsample() for name in self.parameter_names]
+        posteriors = [self._posterior(name) for name in self.parameter_names]
+        draws = [None if q is None else q.rsample() for q in posteriors]
         return self._op(input, *draws, *args, **kwargs)
 
     def _linear_input(self, input: Tensor) -> Tensor:

@@ -125,7 +125,7 @@ class EmpiricalBayesPrior(PriorSpec):
     at all, so where the data are few and the posterior scales still small (early in training) the
     ELBO can prefer that to fitting. On the UCI Boston benchmark (13-50-1 network, 455 examples,
     ``init_scale`` 1e-2) the network collapsed to a constant prediction; the fixed N(0, 1) prior was
-    the better choice there (``benchmarks/quality/FINDINGS-uci.md``).
+    the better choice there (``benchmarks/README.md``, Quality).
     """
 
     learned = True
