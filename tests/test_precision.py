@@ -69,3 +69,18 @@ def test_float16_model_predicts():
     net = nn.Sequential(vinn.Linear(4, 8), nn.ReLU(), vinn.Linear(8, 3)).half().eval()
     p = vinn.predict(net, torch.randn(5, 4).half(), samples=4)
     assert p.dtype == torch.float16 and p.shape == (4, 5, 3) and p.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_layers_with_a_non_normal_posterior_give_a_finite_float32_kl_and_gradients(dtype):
+    from torch.distributions import Laplace
+
+    torch.manual_seed(0)
+    layer = vinn.Linear(300, 200, posterior=Laplace, dtype=dtype)  # 60,000 terms: a 16-bit sum would overflow
+    kl = layer.kl
+    reference = vinn.Linear(300, 200, posterior=Laplace)
+    reference.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl, reference.kl, rtol=1e-3, atol=0)
+    kl.backward()
+    assert layer.weight_log_sigma2.grad.dtype == dtype and bool(layer.weight_log_sigma2.grad.isfinite().all())

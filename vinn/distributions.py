@@ -279,9 +279,9 @@ def normal_kl(loc: Tensor, log_sigma2: Tensor, prior_loc: Tensor, prior_scale: T
     ``- log σ²`` term unclamped, so past the bounds of `sigma2` the KL keeps pulling it back.)
     16-bit parameters give a float32 KL, computed in float32.
     """
-    if loc.dtype in _LOW_PRECISION:  # KL sums over every element: a float16 sum overflows at 65504
+    if loc.dtype in LOW_PRECISION:  # KL sums over every element: a float16 sum overflows at 65504
         loc, log_sigma2, prior_loc, prior_scale = (t.float() for t in (loc, log_sigma2, prior_loc, prior_scale))
     return _NormalKL.apply(loc, log_sigma2, prior_loc, prior_scale.square())
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)

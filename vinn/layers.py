@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from .distributions import (
+    LOW_PRECISION,
     MAX_SCALE,
     MIN_SCALE,
     PosteriorFamily,
@@ -186,11 +187,11 @@ class BayesianLayer(nn.Module):
     def _prior_buffer(name: str, path: str) -> str:
         return f"{name}_prior_{path.replace('.', '_')}"
 
-    def _prior(self, name: str) -> Distribution | None:
+    def _prior(self, name: str, dtype: torch.dtype | None = None) -> Distribution | None:
         if name not in self._prior_templates:
             return None
         template, shapes = self._prior_templates[name]
-        leaves = {path: getattr(self, self._prior_buffer(name, path)).expand(shape) for path, shape in shapes.items()}
+        leaves = {path: _cast(getattr(self, self._prior_buffer(name, path)), dtype).expand(shape) for path, shape in shapes.items()}
         return with_leaves(template, leaves)
 
     def _fit_prior(self, name: str) -> None:
@@ -277,11 +278,11 @@ class BayesianLayer(nn.Module):
         """Posterior scale of the bias, or None without bias."""
         return self._scale("bias")
 
-    def _posterior(self, name: str) -> Distribution | None:
+    def _posterior(self, name: str, dtype: torch.dtype | None = None) -> Distribution | None:
         loc = getattr(self, name)
         if loc is None:
             return None
-        return self.posterior(loc=loc, scale=self._scale(name), validate_args=False)
+        return self.posterior(loc=_cast(loc, dtype), scale=_cast(self._scale(name), dtype), validate_args=False)
 
     @property
     def weight_posterior(self) -> Distribution:
@@ -314,7 +315,9 @@ class BayesianLayer(nn.Module):
                 buffers[f"{name}_prior_loc"],
                 buffers[f"{name}_prior_scale"],
             )
-        return kl_sum(self._posterior(name), self._prior(name))
+        # a KL sums over every element: in float32 for 16-bit parameters, as normal_kl does
+        dtype = torch.float32 if self._parameters[name].dtype in LOW_PRECISION else None
+        return kl_sum(self._posterior(name, dtype), self._prior(name, dtype))
 
     @property
     def kl(self) -> Tensor:
@@ -520,6 +523,10 @@ def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> Tensor
             f"init_scale must give scales in ({MIN_SCALE}, {MAX_SCALE}), got {scale.min().item()} to {scale.max().item()}"
         )
     return (2 * scale.log()).expand_as(loc)
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
 
 def _broadcasts(shape: torch.Size, to: torch.Size) -> bool:
