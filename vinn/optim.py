@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from numbers import Real
 from typing import Any
 
 from torch import nn
+
+from .validation import module, real
 
 # How much faster than the posterior locs the log-variances learn under `param_groups`, as a ratio
 # of learning rates. Adam moves every parameter by about its learning rate per step, but a
@@ -43,15 +44,10 @@ def param_groups(
     which would pull every σ towards 1 (the KL term is their regularizer); ``weight_decay``
     applies to the rest, the posterior locs included.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    module(model)
     for name, value in (("lr", lr), ("scale_lr", scale_lr), ("weight_decay", weight_decay)):
-        if value is None and name == "scale_lr":
-            continue
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not (0 <= value < float("inf")):
-            raise ValueError(f"{name} must be a non-negative, finite float, got {value!r}")
+        if value is not None or name != "scale_lr":
+            real(value, name, low=0.0, accepted="a non-negative, finite float" + (" or None" if name == "scale_lr" else ""))
     scales: list[nn.Parameter] = []
     others: list[nn.Parameter] = []
     for name, parameter in model.named_parameters():  # each parameter once, shared ones included

@@ -10,26 +10,18 @@ so layers holding one save and copy whole.
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 from torch.distributions import Distribution, Normal
 
 from .distributions import MIN_SCALE
+from .validation import one_of, real, wrong_type
 
 if TYPE_CHECKING:
     from .layers import BayesianLayer
 
 GROUPINGS = ("layer", "unit")
-
-
-def _check_positive(value: object, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{argument} must be a positive float, got {type(value).__name__}")
-    if not 0 < value < math.inf:
-        raise ValueError(f"{argument} must be positive and finite, got {value!r}")
-    return float(value)
 
 
 class PriorSpec:
@@ -78,7 +70,7 @@ class PretrainedPrior(PriorSpec):
     """
 
     def __init__(self, scale: float = 0.1) -> None:
-        self.scale = _check_positive(scale, "PretrainedPrior scale")
+        self.scale = real(scale, "PretrainedPrior scale", low=0.0, low_open=True, accepted="a positive, finite float")
 
     def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
         # detached copies: the prior stays at the pretrained values while training moves the posterior
@@ -96,7 +88,7 @@ class FanInPrior(PriorSpec):
     """
 
     def __init__(self, gain: float = 1.0) -> None:
-        self.gain = _check_positive(gain, "FanInPrior gain")
+        self.gain = real(gain, "FanInPrior gain", low=0.0, low_open=True, accepted="a positive, finite float")
 
     def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
         scale = self.gain / math.sqrt(layer.fan_in)
@@ -131,12 +123,9 @@ class EmpiricalBayesPrior(PriorSpec):
     learned = True
 
     def __init__(self, per: str = "layer", pretrained: bool = False) -> None:
-        if not isinstance(per, str):
-            raise TypeError(f"per must be one of {GROUPINGS}, got {type(per).__name__}")
-        if per not in GROUPINGS:
-            raise ValueError(f"per must be one of {GROUPINGS}, got {per!r}")
+        one_of(per, "per", GROUPINGS)
         if not isinstance(pretrained, bool):
-            raise TypeError(f"pretrained must be a bool, got {type(pretrained).__name__}")
+            raise wrong_type("pretrained", "a bool", pretrained)
         self.per, self.pretrained = per, pretrained
 
     def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
