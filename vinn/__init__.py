@@ -30,6 +30,7 @@ from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, Lay
 from .optim import SCALE_LR_RATIO, param_groups
 from .prediction import predict, sample
 from .priors import EmpiricalBayesPrior, FanInPrior, PretrainedPrior, PriorSpec
+from .recurrent import GRU, LSTM, RNN
 from .sampling import deterministic
 from .uncertainty import (
     auroc,
@@ -58,10 +59,12 @@ __all__ = [
     "ConvTranspose3d",
     "ConversionReport",
     "ELBO",
+    "GRU",
     "GroupNorm",
     "Embedding",
     "EmpiricalBayesPrior",
     "FanInPrior",
+    "LSTM",
     "LayerNorm",
     "LayerReport",
     "LayerSpec",
@@ -72,6 +75,7 @@ __all__ = [
     "PretrainedPrior",
     "PriorSpec",
     "RMSNorm",
+    "RNN",
     "RelativeScale",
     "SCALE_LR_RATIO",
     "auroc",

@@ -77,9 +77,16 @@ class BayesianLayer(nn.Module):
     ``weight``: the local reparameterization trick relies on it. They declare what is particular
     to them as class attributes: ``parameter_names`` (the random parameters, each a posterior loc
     of the torch.nn layer) and ``output_dim`` (the dimension of ``weight`` indexing output units).
+    A layer whose parameter names depend on its configuration (`vinn.LSTM`: one set per layer and
+    direction) makes ``parameter_names`` a property of the instance and overrides
+    `parameter_names_of`, which gives them for its torch layer too. ``estimators`` lists the
+    estimators its op allows, the default for a posterior being the first that suits it.
     """
 
     _torch_cls: ClassVar[type[nn.Module]]
+    # the torch layer's constructor signature: read from its __init__ unless declared (torch's
+    # recurrent layers hide theirs behind typing overloads)
+    _torch_signature: ClassVar[inspect.Signature]
     parameter_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
     output_dim: ClassVar[int] = 0
     estimators: ClassVar[tuple[str, ...]] = ESTIMATORS  # flipout needs an op linear in its input
@@ -93,7 +100,9 @@ class BayesianLayer(nn.Module):
         ]
         if torch_bases:
             cls._torch_cls = torch_bases[0]
-            signature = inspect.signature(cls._torch_cls.__init__)
+            if not hasattr(cls, "_torch_signature"):  # declared by the class, or a vinn base of it
+                cls._torch_signature = inspect.signature(cls._torch_cls.__init__)
+            signature = cls._torch_signature
             params = [p for p in signature.parameters.values() if p.name != "self"]
             extra = [
                 inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
@@ -137,7 +146,7 @@ class BayesianLayer(nn.Module):
         _check_prior_argument(prior, posterior)
         self.posterior = posterior
         self.init_scale = init_scale
-        self.estimator = _check_estimator(estimator, posterior)
+        self.estimator = _check_estimator(estimator, posterior, self.estimators)
         if self.estimator not in self.estimators:
             raise ValueError(f"estimator must be one of {self.estimators} for a {type(self).__name__}, got {self.estimator!r}")
         self._prior_source = _default_prior() if prior is None else prior
@@ -155,6 +164,12 @@ class BayesianLayer(nn.Module):
     def fan_in(self) -> int:
         """How many weights feed each output unit: the weight's elements per index of ``output_dim``."""
         return self.weight.numel() // self.weight.shape[self.output_dim]
+
+    @classmethod
+    def parameter_names_of(cls, module: nn.Module) -> tuple[str, ...]:
+        """The names of the random parameters of ``module``, a layer of this type or its torch layer
+        (which `vinn.bayesify` converts): ``parameter_names``, the same for every layer of most types."""
+        return cls.parameter_names
 
     def random_parameters(self) -> dict[str, Tensor]:
         """The posterior loc of every random parameter the layer has (``bias=False``: no ``"bias"``), by name."""
@@ -236,7 +251,7 @@ class BayesianLayer(nn.Module):
         if _skip_initialisation.get():
             return
         super().reset_parameters()  # the torch.nn layer's loc initialisation
-        if "weight_log_sigma2" in self._parameters:  # torch.nn's __init__ calls this before it exists
+        if f"{self.parameter_names[0]}_log_sigma2" in self._parameters:  # torch.nn's __init__ calls this before it exists
             self._register_priors()
             self.reset_scale()
 
@@ -434,7 +449,9 @@ class BayesianLayer(nn.Module):
             layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
         finally:
             _skip_initialisation.reset(token)
-        layer.to(device=module.weight.device, dtype=module.weight.dtype)  # for a torch layer built without them
+        locs = [getattr(module, name, None) for name in cls.parameter_names_of(module)]
+        reference = next(loc for loc in locs if loc is not None)
+        layer.to(device=reference.device, dtype=reference.dtype)  # for a torch layer built without them
         with torch.no_grad():
             for name, loc in layer.random_parameters().items():
                 loc.copy_(getattr(module, name))
@@ -445,17 +462,16 @@ class BayesianLayer(nn.Module):
 
     def to_torch(self) -> nn.Module:
         """The torch.nn counterpart with this layer's configuration, holding the posterior loc."""
-        module = self._torch_cls(**self._config(self)).to(device=self.weight.device, dtype=self.weight.dtype)
+        reference = next(iter(self.random_parameters().values()))
+        module = self._torch_cls(**self._config(self)).to(device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
             for name, loc in self.random_parameters().items():
                 getattr(module, name).copy_(loc)
         return module.train(self.training)
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, posterior={family_name(self.posterior)}, prior={self.weight_prior}, "
-            f"estimator={self.estimator!r}"
-        )
+        prior = self._prior(next(iter(self.random_parameters())))  # the weight's
+        return f"{super().extra_repr()}, posterior={family_name(self.posterior)}, prior={prior}, estimator={self.estimator!r}"
 
 
 def _check_init_scale(init_scale: object) -> None:
@@ -464,16 +480,28 @@ def _check_init_scale(init_scale: object) -> None:
         real(init_scale, "init_scale", low=MIN_SCALE, high=MAX_SCALE, low_open=True, high_open=True, accepted=accepted)
 
 
-def _check_estimator(estimator: str | None, posterior: PosteriorFamily) -> str:
-    """The estimator to use: the given one if it suits the posterior; by default LRT for Normal."""
+def _check_estimator(estimator: str | None, posterior: PosteriorFamily, estimators: tuple[str, ...] = ESTIMATORS) -> str:
+    """The estimator to use: the given one if it suits the posterior; by default the first of ``estimators``
+    (a layer's, in its order of preference) that suits it: LRT for Normal where the layer allows it."""
     if estimator is None:
-        return "lrt" if is_normal(posterior) else "sample"
+        suitable = [e for e in estimators if _unsuitable(e, posterior) is None]
+        if not suitable:
+            raise ValueError(f"none of the estimators {estimators} suits a {family_name(posterior)} posterior")
+        return suitable[0]
     one_of(estimator, "estimator", ESTIMATORS)
-    if estimator == "lrt" and not is_normal(posterior):
-        raise ValueError(f"estimator='lrt' needs a Normal posterior, got {family_name(posterior)}; use 'sample' or 'flipout'")
-    if estimator == "flipout" and not is_symmetric(posterior):
-        raise ValueError(f"estimator='flipout' needs a posterior symmetric about its loc, got {family_name(posterior)}")
+    problem = _unsuitable(estimator, posterior)
+    if problem is not None:
+        raise ValueError(problem)
     return estimator
+
+
+def _unsuitable(estimator: str, posterior: PosteriorFamily) -> str | None:
+    """Why ``estimator`` cannot sample a layer with this posterior family; None if it can."""
+    if estimator == "lrt" and not is_normal(posterior):
+        return f"estimator='lrt' needs a Normal posterior, got {family_name(posterior)}; use 'sample' or 'flipout'"
+    if estimator == "flipout" and not is_symmetric(posterior):
+        return f"estimator='flipout' needs a posterior symmetric about its loc, got {family_name(posterior)}"
+    return None
 
 
 def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
@@ -574,8 +602,9 @@ def _split_prior(prior: Distribution | Mapping[str, Distribution] | PriorSpec, l
             raise ValueError(f"prior mapping keys must be {names}, got {sorted(unknown)}")
         priors = {name: prior.get(name, _default_prior()) for name in shapes}
     else:
-        check_prior(prior, shapes["weight"])
-        priors = {name: prior if prior.batch_shape == () or name == "weight" else _default_prior() for name in shapes}
+        weight = next(iter(shapes))  # the first random parameter: "weight" for every layer with one
+        check_prior(prior, shapes[weight])
+        priors = {name: prior if prior.batch_shape == () or name == weight else _default_prior() for name in shapes}
     for name, distribution in priors.items():
         check_prior(distribution, shapes[name], f"prior for {name}")
     return priors

@@ -328,7 +328,7 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
 
 def _module_candidate(name: str, module: nn.Module, order: int, reason: str | None) -> _Candidate:
     vinn_type = next(layer for t, layer in layer_types().items() if isinstance(module, t))
-    parameters = _numel(p for n in vinn_type.parameter_names if (p := getattr(module, n, None)) is not None)
+    parameters = _numel(p for n in vinn_type.parameter_names_of(module) if (p := getattr(module, n, None)) is not None)
     return _Candidate(name, type(module).__name__, parameters, order, reason, layer=module)
 
 
@@ -350,7 +350,7 @@ def _module_reason(
     if type(module) not in supported:
         base = next(t for t in type(module).__mro__ if t in supported)
         return f"unsupported type {type(module).__name__} (subclass of {layer_type_name(base)}; exact types only)"
-    names = supported[type(module)].parameter_names
+    names = supported[type(module)].parameter_names_of(module)
     if all(getattr(module, attribute, None) is None for attribute in names):
         return f"no {' or '.join(names)} to make Bayesian"
     for attribute in names:
