@@ -156,15 +156,15 @@ class BayesianLayer(nn.Module):
         for name in self.parameter_names:
             loc = getattr(self, name)
             log_sigma2 = None if loc is None else nn.Parameter(torch.empty_like(loc))
+            if name == "weight" and self._matrix_normal:
+                # weight ~ MN(loc, diag(u), V), V = L diag(c) Lᵀ with L unit lower triangular: log u per
+                # row here (out, 1), log c in weight_column_log_sigma2 (in,), L's strictly lower part
+                # in weight_column_tril (in, in)
+                out_features, in_features = loc.shape
+                log_sigma2 = nn.Parameter(loc.new_empty(out_features, 1))
+                self.weight_column_log_sigma2 = nn.Parameter(loc.new_empty(in_features))
+                self.weight_column_tril = nn.Parameter(loc.new_empty(in_features, in_features))
             self.register_parameter(f"{name}_log_sigma2", log_sigma2)
-        if self._matrix_normal:
-            # weight ~ MN(loc, diag(u), V), V = L diag(c) Lᵀ with L unit lower triangular: log u per
-            # row in weight_log_sigma2 (out, 1), log c in weight_column_log_sigma2 (in,), L's strictly
-            # lower part in weight_column_tril (in, in); the initial posterior is mean-field (L = I)
-            out_features, in_features = self.weight.shape
-            self.weight_log_sigma2 = nn.Parameter(self.weight.new_empty(out_features, 1))
-            self.weight_column_log_sigma2 = nn.Parameter(self.weight.new_empty(in_features))
-            self.weight_column_tril = nn.Parameter(self.weight.new_empty(in_features, in_features))
         if not _skip_initialisation.get():
             self._register_priors()
             self.reset_scale()
@@ -310,7 +310,8 @@ class BayesianLayer(nn.Module):
 
     def _column_scale_tril(self) -> Tensor:
         """A MatrixNormal weight's L diag(c)^½: the lower Cholesky factor of its columns' covariance V."""
-        unit_tril = torch.tril(self.weight_column_tril, -1) + torch.eye(*self.weight_column_tril.shape, dtype=self.weight.dtype, device=self.weight.device)
+        strictly_lower = torch.tril(self.weight_column_tril, -1)
+        unit_tril = strictly_lower + torch.eye(len(strictly_lower), dtype=strictly_lower.dtype, device=strictly_lower.device)
         return unit_tril * sigma2(self.weight_column_log_sigma2).sqrt()
 
     def _scale(self, name: str) -> Tensor | None:
@@ -649,7 +650,7 @@ class Linear(BayesianLayer, nn.Linear):
     """Bayesian `torch.nn.Linear`: y = x Wᵀ + b with W, b drawn from the posterior.
 
     Input (*, in_features), output (*, out_features). Arguments as torch.nn.Linear, plus
-    ``posterior`` (a distribution class with loc and scale), ``prior`` (a distribution instance,
+    ``posterior`` (a distribution class with loc and scale, or `vinn.MatrixNormal`), ``prior`` (a distribution instance,
     or a mapping ``{"weight": ..., "bias": ...}``) and ``init_scale`` (initial posterior scale).
     """
 
