@@ -69,7 +69,7 @@ def test_monte_carlo_kl_for_a_laplace_prior_is_unbiased():
         layer.weight_column_tril.normal_()
     with torch.no_grad():
         q = layer.weight_posterior
-    mu, sigma = q.loc, q.variance.sqrt()
+    mu, sigma = q.loc.detach(), q.variance.sqrt()  # loc is the layer's weight parameter itself
     mean_abs = sigma * math.sqrt(2 / math.pi) * torch.exp(-(mu**2) / (2 * sigma**2)) + mu * torch.erf(mu / (sigma * math.sqrt(2)))
     truth = float(-q.entropy() + (math.log(2 * 0.5) + mean_abs / 0.5).sum())
     with torch.no_grad():
