@@ -8,6 +8,7 @@ from .convert import (
     bayesify,
     to_deterministic,
 )
+from .distributions import MatrixNormal
 from .elbo import ELBO
 from .layers import (
     MAX_SCALE,
@@ -71,6 +72,7 @@ __all__ = [
     "Linear",
     "MAX_SCALE",
     "MIN_SCALE",
+    "MatrixNormal",
     "Module",
     "PretrainedPrior",
     "PriorSpec",

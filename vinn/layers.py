@@ -28,12 +28,14 @@ from .distributions import (
     LOW_PRECISION,
     MAX_SCALE,
     MIN_SCALE,
+    MatrixNormal,
     PosteriorFamily,
     check_arguments,
     check_posterior,
     check_prior,
     family_name,
     has_finite_variance,
+    is_gaussian,
     is_normal,
     is_symmetric,
     kl_sum,
@@ -91,6 +93,9 @@ class BayesianLayer(nn.Module):
     output_dim: ClassVar[int] = 0
     estimators: ClassVar[tuple[str, ...]] = ESTIMATORS  # flipout needs an op linear in its input
     converted_by_default: ClassVar[bool] = True  # False: bayesify converts it only where the config names it
+    # True: ``posterior=vinn.MatrixNormal`` works, as ``op(x, W, b)`` is ``x Wᵀ + b`` for one
+    # (out, in) matrix W (an F.linear), the form its local reparameterization needs
+    matrix_normal: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -142,6 +147,11 @@ class BayesianLayer(nn.Module):
     ) -> None:
         self._torch_cls.__init__(self, *args, **kwargs)
         check_posterior(posterior)
+        if posterior is MatrixNormal and not self.matrix_normal:
+            raise ValueError(
+                f"posterior=vinn.MatrixNormal needs a layer computing x Wᵀ + b (vinn.Linear); {type(self).__name__} does not: "
+                "use an elementwise posterior such as Normal for it"
+            )
         _check_init_scale(init_scale)
         _check_prior_argument(prior, posterior)
         self.posterior = posterior
@@ -155,10 +165,27 @@ class BayesianLayer(nn.Module):
         for name in self.parameter_names:
             loc = getattr(self, name)
             log_sigma2 = None if loc is None else nn.Parameter(torch.empty_like(loc))
+            if name == "weight" and self._matrix_normal:
+                # weight ~ MN(loc, diag(u), V), V = L diag(c) Lᵀ with L unit lower triangular: log u per
+                # row here (out, 1), log c in weight_column_log_sigma2 (in,), L's strictly lower part
+                # in weight_column_tril (in, in)
+                out_features, in_features = loc.shape
+                log_sigma2 = nn.Parameter(loc.new_empty(out_features, 1))
+                self.weight_column_log_sigma2 = nn.Parameter(loc.new_empty(in_features))
+                self.weight_column_tril = nn.Parameter(loc.new_empty(in_features, in_features))
             self.register_parameter(f"{name}_log_sigma2", log_sigma2)
         if not _skip_initialisation.get():
             self._register_priors()
             self.reset_scale()
+
+    @property
+    def _matrix_normal(self) -> bool:
+        return self.posterior is MatrixNormal
+
+    @property
+    def _elementwise_family(self) -> PosteriorFamily:
+        """The posterior family of the parameters without a matrix posterior (a MatrixNormal layer's bias: Normal)."""
+        return Normal if self._matrix_normal else self.posterior
 
     @property
     def fan_in(self) -> int:
@@ -176,6 +203,14 @@ class BayesianLayer(nn.Module):
         # no `:=` in a comprehension: torch.compile cannot trace it
         locs = {name: getattr(self, name) for name in self.parameter_names}
         return {name: loc for name, loc in locs.items() if loc is not None}
+
+    def scale_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters of the posterior other than its locs, by name: every ``<name>_log_sigma2``,
+        and a `MatrixNormal` weight's ``weight_column_log_sigma2`` and ``weight_column_tril``."""
+        names = [f"{name}_log_sigma2" for name in self.random_parameters()]
+        if self._matrix_normal:
+            names += ["weight_column_log_sigma2", "weight_column_tril"]
+        return {name: self._parameters[name] for name in names}
 
     # -- the prior, kept as buffers -----------------------------------------------------------------
 
@@ -216,7 +251,7 @@ class BayesianLayer(nn.Module):
             return
         with torch.no_grad():
             prior_loc = self._buffers[f"{name}_prior_loc"]
-            if is_normal(self.posterior):
+            if is_gaussian(self.posterior):
                 second_moment = self._sigma2(name) + (self._parameters[name] - prior_loc).square()
             else:
                 posterior = self._posterior(name)
@@ -229,11 +264,12 @@ class BayesianLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _check_state(self, state_dict: Mapping[str, Any], prefix: str) -> None:
-        """Raise ValueError if ``state_dict`` holds, for this layer, a non-finite log σ² or an invalid prior."""
+        """Raise ValueError if ``state_dict`` holds, for this layer, a non-finite posterior scale parameter or an invalid prior."""
+        for key in self.scale_parameters():
+            value = state_dict.get(prefix + key)
+            if isinstance(value, Tensor) and not bool(value.isfinite().all()):
+                raise ValueError(f"state_dict entry {prefix}{key} holds NaN or infinite values")
         for name in self.random_parameters():
-            log_sigma2 = state_dict.get(f"{prefix}{name}_log_sigma2")
-            if isinstance(log_sigma2, Tensor) and not bool(log_sigma2.isfinite().all()):
-                raise ValueError(f"state_dict entry {prefix}{name}_log_sigma2 holds NaN or infinite values")
             template, shapes = self._prior_templates[name]
             leaves = {}
             for path, shape in shapes.items():
@@ -268,6 +304,11 @@ class BayesianLayer(nn.Module):
         _check_init_scale(init_scale)
         log_sigma2 = {name: _initial_log_sigma2(init_scale, name, loc) for name, loc in self.random_parameters().items()}
         self.init_scale = init_scale
+        if self._matrix_normal:
+            # each row's mean variance, the columns' covariance the identity
+            log_sigma2["weight"] = log_sigma2["weight"].logsumexp(1, keepdim=True) - math.log(self.weight.shape[1])
+            self.weight_column_log_sigma2.zero_()
+            self.weight_column_tril.zero_()
         for name, value in log_sigma2.items():
             getattr(self, f"{name}_log_sigma2").copy_(value)
         for name in log_sigma2:
@@ -276,8 +317,17 @@ class BayesianLayer(nn.Module):
     # -- the posterior and the prior as distributions ---------------------------------------------
 
     def _sigma2(self, name: str) -> Tensor | None:
+        """The posterior variance of every element of the parameter ``name`` (marginal, for a matrix posterior)."""
+        if name == "weight" and self._matrix_normal:
+            return self._posterior("weight").variance
         log_sigma2 = getattr(self, f"{name}_log_sigma2")
         return None if log_sigma2 is None else sigma2(log_sigma2)
+
+    def _column_scale_tril(self) -> Tensor:
+        """A MatrixNormal weight's L diag(c)^½: the lower Cholesky factor of its columns' covariance V."""
+        strictly_lower = torch.tril(self.weight_column_tril, -1)
+        unit_tril = strictly_lower + torch.eye(len(strictly_lower), dtype=strictly_lower.dtype, device=strictly_lower.device)
+        return unit_tril * sigma2(self.weight_column_log_sigma2).sqrt()
 
     def _scale(self, name: str) -> Tensor | None:
         variance = self._sigma2(name)
@@ -297,11 +347,15 @@ class BayesianLayer(nn.Module):
         loc = getattr(self, name)
         if loc is None:
             return None
-        return self.posterior(loc=_cast(loc, dtype), scale=_cast(self._scale(name), dtype), validate_args=False)
+        if name == "weight" and self._matrix_normal:
+            row_scale = sigma2(self.weight_log_sigma2).sqrt().squeeze(1)
+            return MatrixNormal(_cast(loc, dtype), _cast(row_scale, dtype), _cast(self._column_scale_tril(), dtype), validate_args=False)
+        return self._elementwise_family(loc=_cast(loc, dtype), scale=_cast(self._scale(name), dtype), validate_args=False)
 
     @property
     def weight_posterior(self) -> Distribution:
-        """q(weight): the posterior family with batch shape ``weight.shape``, differentiable in its parameters."""
+        """q(weight): the posterior family with batch shape ``weight.shape`` (a `MatrixNormal`: event
+        shape ``weight.shape``), differentiable in its parameters."""
         return self._posterior("weight")
 
     @property
@@ -397,7 +451,12 @@ class BayesianLayer(nn.Module):
 
     def _variance(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The variance of every output element under the posterior, for local reparameterization:
-        ``op(x², σ_w², σ_b²)``, exact for an op linear in its input and in its weights."""
+        ``op(x², σ_w², σ_b²)``, exact for an op linear in its input and in its weights. With a
+        `MatrixNormal` weight, output i has variance ``u_i xᵀVx + σ_b,i²``: the op applied to the
+        one feature xᵀVx with the row variances u as a one-column weight."""
+        if self._matrix_normal:
+            quadratic = (input @ self._column_scale_tril()).square().sum(-1, keepdim=True)  # xᵀVx: (*, 1)
+            return self._op(quadratic, sigma2(self.weight_log_sigma2), self._sigma2("bias"))
         return self._op(input.square(), *(self._sigma2(name) for name in self.parameter_names), *args, **kwargs)
 
     def _perturbation(self, name: str) -> Tensor | None:
@@ -405,7 +464,7 @@ class BayesianLayer(nn.Module):
         scale = self._scale(name)
         if scale is None:
             return None
-        return self.posterior(loc=scale.new_zeros(()), scale=scale, validate_args=False).rsample()
+        return self._elementwise_family(loc=scale.new_zeros(()), scale=scale, validate_args=False).rsample()
 
     def _random_signs(self, t: Tensor) -> Tensor:
         """±1 per example and feature (channel, for convolutions: shared over the spatial dims)."""
@@ -497,10 +556,13 @@ def _check_estimator(estimator: str | None, posterior: PosteriorFamily, estimato
 
 def _unsuitable(estimator: str, posterior: PosteriorFamily) -> str | None:
     """Why ``estimator`` cannot sample a layer with this posterior family; None if it can."""
-    if estimator == "lrt" and not is_normal(posterior):
-        return f"estimator='lrt' needs a Normal posterior, got {family_name(posterior)}; use 'sample' or 'flipout'"
+    if estimator == "lrt" and not is_gaussian(posterior):
+        return f"estimator='lrt' needs a Normal or MatrixNormal posterior, got {family_name(posterior)}; use 'sample' or 'flipout'"
     if estimator == "flipout" and not is_symmetric(posterior):
-        return f"estimator='flipout' needs a posterior symmetric about its loc, got {family_name(posterior)}"
+        return (
+            "estimator='flipout' needs an elementwise posterior symmetric about its loc (Normal, Laplace, Cauchy, StudentT), "
+            f"got {family_name(posterior)}"
+        )
     return None
 
 
@@ -615,9 +677,11 @@ class Linear(BayesianLayer, nn.Linear):
     """Bayesian `torch.nn.Linear`: y = x Wᵀ + b with W, b drawn from the posterior.
 
     Input (*, in_features), output (*, out_features). Arguments as torch.nn.Linear, plus
-    ``posterior`` (a distribution class with loc and scale), ``prior`` (a distribution instance,
+    ``posterior`` (a distribution class with loc and scale, or `vinn.MatrixNormal`), ``prior`` (a distribution instance,
     or a mapping ``{"weight": ..., "bias": ...}``) and ``init_scale`` (initial posterior scale).
     """
+
+    matrix_normal = True
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(input, weight, bias)
