@@ -1,5 +1,6 @@
 """vinn: Bayesian neural networks trained by variational inference, as drop-in torch.nn layers."""
 
+from .attention import MultiheadAttention
 from .convert import (
     BayesConfig,
     ConversionReport,
@@ -69,6 +70,7 @@ __all__ = [
     "MAX_SCALE",
     "MIN_SCALE",
     "Module",
+    "MultiheadAttention",
     "PretrainedPrior",
     "PriorSpec",
     "RMSNorm",
