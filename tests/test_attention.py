@@ -247,7 +247,7 @@ def test_lrt_projections_have_the_closed_form_moments_per_token(kwargs):
     query, key, value = torch.randn(8), torch.randn(layer.kdim), torch.randn(layer.vdim)
     expand = [x.expand(SAMPLES // 2, 2, -1) for x in (query, key, value)]  # 2 tokens each, same input
     with torch.no_grad():
-        q, k, v = layer._in_projection(*expand, self_attention=False)
+        q, k, v = layer._in_projection(expand, self_attention=False)
     weights = [layer.in_proj_weight.chunk(3)] if layer.in_proj_weight is not None else []
     weights = weights[0] if weights else (layer.q_proj_weight, layer.k_proj_weight, layer.v_proj_weight)
     names = ["in_proj_weight"] * 3 if layer.in_proj_weight is not None else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]

@@ -20,7 +20,7 @@ elements appended to the sampled keys and values, as torch appends them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -156,9 +156,7 @@ class MultiheadAttention(BayesianLayer, nn.MultiheadAttention):
         # as torch, the hint stands for the mask where nothing else is to be merged with it or read from it
         causal = is_causal and key_padding_mask is None and not need_weights
         self_attention = query is key and key is value
-        q, k, v = self._in_projection(
-            self._batch_first(query, batched), self._batch_first(key, batched), self._batch_first(value, batched), self_attention
-        )
+        q, k, v = self._in_projection([self._as_batch_first(x, batched) for x in (query, key, value)], self_attention)
         keys = k.shape[1]
         if self.bias_k is not None and self.bias_v is not None:  # one more key and value, every query may attend them
             k = torch.cat([k, self.bias_k.expand(k.shape[0], 1, -1)], dim=1)
@@ -167,29 +165,34 @@ class MultiheadAttention(BayesianLayer, nn.MultiheadAttention):
         if self.add_zero_attn:  # and one more, of zeros
             k, v = (torch.cat([x, x.new_zeros(x.shape[:2] + (1, self.head_dim))], dim=2) for x in (k, v))
         mask = None if causal else _merged_mask(attn_mask, key_padding_mask, self.num_heads, k.shape[2] - keys)
-        weights = None
-        if need_weights:
-            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
-            weights = F.dropout(torch.softmax(scores if mask is None else scores + mask, dim=-1), self.dropout, self.training)
-            attention = weights @ v
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-        else:
-            dropout = self.dropout if self.training else 0.0
-            attention = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal)
+        attention, weights = self._attend(q, k, v, mask, causal, need_weights)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
         output = self.out_proj(attention.transpose(1, 2).flatten(2))  # (N, L, E), sampled too
         if not batched:
             return output.squeeze(0), None if weights is None else weights.squeeze(0)
         return (output if self.batch_first else output.transpose(0, 1)), weights
 
-    def _batch_first(self, x: Tensor, batched: bool) -> Tensor:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, need_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention of the heads (N, H, L, D) and, with ``need_weights``, their weights (N, H, L, S)."""
+        if not need_weights:
+            dropout = self.dropout if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal), None
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+        weights = F.dropout(torch.softmax(scores if mask is None else scores + mask, dim=-1), self.dropout, self.training)
+        return weights @ v, weights
+
+    def _as_batch_first(self, x: Tensor, batched: bool) -> Tensor:
         """``x`` as (N, L, features), whatever the layout (a view)."""
         if not batched:
             return x.unsqueeze(0)
         return x if self.batch_first else x.transpose(0, 1)
 
-    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool) -> tuple[Tensor, ...]:
-        """One sample of q, k and v from batch-first inputs, each (N, L or S, embed_dim)."""
+    def _in_projection(self, inputs: Sequence[Tensor], self_attention: bool) -> tuple[Tensor, ...]:
+        """One sample of q, k and v from the batch-first query, key and value, each (N, L or S, embed_dim)."""
+        query, key, value = inputs
         terms = {name: self._terms(name) for name in self.random_parameters()}
         bias = terms.get("in_proj_bias")
         if "in_proj_weight" in terms and self_attention:  # q, k and v in one product
