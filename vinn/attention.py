@@ -79,7 +79,7 @@ class MultiheadAttention(BayesianLayer, nn.MultiheadAttention):
         own_prior, out_proj_prior = _split_out_proj_prior(prior)
         super().__init__(*args, prior=own_prior, **kwargs)
         # torch's out_proj, as torch initialised it, becomes a vinn layer that samples alike
-        self.out_proj = OutProjection.from_torch(  # type: ignore[assignment]  # a vinn.Linear, not torch's class
+        self.out_proj = OutProjection.from_torch(  # type: ignore[assignment]  # typed as returning a BayesianLayer
             self.out_proj, posterior=self.posterior, prior=out_proj_prior, init_scale=self.init_scale, estimator=self.estimator
         )
 
@@ -219,7 +219,7 @@ class MultiheadAttention(BayesianLayer, nn.MultiheadAttention):
         """One sample of ``F.linear(input, w, b)`` from `_terms` of w and b, as `BayesianLayer.forward` samples."""
         bias = bias or _NO_BIAS
         mean = F.linear(input, weight[0], bias[0])
-        if self.estimator == "sample":
+        if self.estimator == "sample":  # from drawn weights: the sample itself
             return mean
         if self.estimator == "lrt":
             return normal_sample(mean, F.linear(input.square(), weight[1], bias[1]))
