@@ -314,3 +314,15 @@ def test_gradients_reach_every_loc_and_scale():
         x = torch.randn(5, 3, 8)
         (layer(x, x, x)[0].square().sum() + layer.kl).backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters()), estimator
+
+
+def test_the_sampled_forward_compiles_whole():
+    torch.manual_seed(0)
+    layer = vinn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 3, 8)
+    try:
+        for need_weights in (False, True):
+            compiled = torch.compile(lambda x, w=need_weights: layer(x, x, x, need_weights=w)[0], fullgraph=True, backend="eager")
+            assert compiled(x).shape == (2, 3, 8) and not torch.equal(compiled(x), compiled(x))
+    finally:
+        torch._dynamo.reset()
