@@ -56,6 +56,7 @@ def test_built_in_types_are_registered():
         nn.LSTM: vinn.LSTM,
         nn.GRU: vinn.GRU,
         nn.RNN: vinn.RNN,
+        nn.MultiheadAttention: vinn.MultiheadAttention,
     }
     vinn.layer_types().clear()  # a copy: the registry stays
     assert nn.Linear in vinn.layer_types()

@@ -1,5 +1,6 @@
 """vinn: Bayesian neural networks trained by variational inference, as drop-in torch.nn layers."""
 
+from .attention import MultiheadAttention
 from .convert import (
     BayesConfig,
     ConversionReport,
@@ -74,6 +75,7 @@ __all__ = [
     "MIN_SCALE",
     "MatrixNormal",
     "Module",
+    "MultiheadAttention",
     "PretrainedPrior",
     "PriorSpec",
     "RMSNorm",

@@ -388,10 +388,16 @@ class BayesianLayer(nn.Module):
         dtype = torch.float32 if self._parameters[name].dtype in LOW_PRECISION else None
         return kl_sum(self._posterior(name, dtype), self._prior(name, dtype))
 
+    def _parameters_kl(self) -> Tensor:
+        """KL(q || p) summed over the layer's own random parameters, not those of the vinn layers inside it."""
+        terms = [self._kl(name) for name in self.random_parameters()]
+        return sum(terms[1:], terms[0])
+
     @property
     def kl(self) -> Tensor:
-        """KL(q || p) summed over every weight and bias element: a differentiable 0-dim tensor (nats)."""
-        terms = [self._kl(name) for name in self.random_parameters()]
+        """KL(q || p) summed over every weight and bias element, those of the vinn layers inside this one
+        included (a MultiheadAttention's out_proj): a differentiable 0-dim tensor (nats)."""
+        terms = [m._parameters_kl() for m in self.modules() if isinstance(m, BayesianLayer)]
         return sum(terms[1:], terms[0])
 
     @property
@@ -428,13 +434,7 @@ class BayesianLayer(nn.Module):
         if not sampling_enabled():
             return self._op(input, *locs, *args, **kwargs)
         if self.estimator == "lrt":
-            mean = self._op(input, *locs, *args, **kwargs)
-            var = self._variance(input, *args, **kwargs)
-            # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
-            tiny = torch.finfo(var.dtype).tiny
-            if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
-                return var.clamp_min_(tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
-            return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
+            return normal_sample(self._op(input, *locs, *args, **kwargs), self._variance(input, *args, **kwargs))
         if self.estimator == "flipout":
             mean = self._op(input, *locs, *args, **kwargs)
             deltas = [self._perturbation(name) for name in self.parameter_names]
@@ -483,7 +483,7 @@ class BayesianLayer(nn.Module):
         if "bias" in names:
             config["bias"] = module.bias is not None
         if "device" in arguments:
-            config.update(device=module.weight.device, dtype=module.weight.dtype)
+            config.update(_factory(module))
         return config
 
     @classmethod
@@ -508,12 +508,8 @@ class BayesianLayer(nn.Module):
             layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
         finally:
             _skip_initialisation.reset(token)
-        locs = [getattr(module, name, None) for name in cls.parameter_names_of(module)]
-        reference = next(loc for loc in locs if loc is not None)
-        layer.to(device=reference.device, dtype=reference.dtype)  # for a torch layer built without them
-        with torch.no_grad():
-            for name, loc in layer.random_parameters().items():
-                loc.copy_(getattr(module, name))
+        layer.to(**_factory(module))  # for a torch layer built without them
+        _copy_torch_state(module, layer)
         # a pretrained prior and a relative init_scale depend on the loc just copied
         layer._register_priors()
         layer.reset_scale()
@@ -521,16 +517,23 @@ class BayesianLayer(nn.Module):
 
     def to_torch(self) -> nn.Module:
         """The torch.nn counterpart with this layer's configuration, holding the posterior loc."""
-        reference = next(iter(self.random_parameters().values()))
-        module = self._torch_cls(**self._config(self)).to(device=reference.device, dtype=reference.dtype)
-        with torch.no_grad():
-            for name, loc in self.random_parameters().items():
-                getattr(module, name).copy_(loc)
+        module = self._torch_cls(**self._config(self)).to(**_factory(self))
+        _copy_torch_state(self, module)
         return module.train(self.training)
 
     def extra_repr(self) -> str:
-        prior = self._prior(next(iter(self.random_parameters())))  # the weight's
-        return f"{super().extra_repr()}, posterior={family_name(self.posterior)}, prior={prior}, estimator={self.estimator!r}"
+        first = next(iter(self.random_parameters()))  # the weight
+        bayesian = f"posterior={family_name(self.posterior)}, prior={self._prior(first)}, estimator={self.estimator!r}"
+        return ", ".join(filter(None, (super().extra_repr(), bayesian)))
+
+
+def normal_sample(mean: Tensor, var: Tensor) -> Tensor:
+    """A draw of Normal(mean, var), elementwise: local reparameterization's output (``var`` may be overwritten)."""
+    # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
+    tiny = torch.finfo(var.dtype).tiny
+    if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
+        return var.clamp_min_(tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
+    return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
 
 
 def _check_init_scale(init_scale: object) -> None:
@@ -615,6 +618,22 @@ def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> Tensor
     return (2 * scale.log()).expand_as(loc)
 
 
+def _factory(module: nn.Module) -> dict[str, Any]:
+    """The device and dtype of ``module``'s first parameter, as torch.nn's factory keyword arguments."""
+    parameter = next(module.parameters())
+    return {"device": parameter.device, "dtype": parameter.dtype}
+
+
+@torch.no_grad()
+def _copy_torch_state(source: nn.Module, target: nn.Module) -> None:
+    """Copy the whole state of a torch.nn layer, every parameter and buffer (running statistics, a
+    MultiheadAttention's bias_k and out_proj), between it and its vinn layer, which has its own besides."""
+    sources = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    targets = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    for name in sources.keys() & targets.keys():
+        targets[name].copy_(sources[name])
+
+
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
@@ -664,9 +683,9 @@ def _split_prior(prior: Distribution | Mapping[str, Distribution] | PriorSpec, l
             raise ValueError(f"prior mapping keys must be {names}, got {sorted(unknown)}")
         priors = {name: prior.get(name, _default_prior()) for name in shapes}
     else:
-        weight = next(iter(shapes))  # the first random parameter: "weight" for every layer with one
-        check_prior(prior, shapes[weight])
-        priors = {name: prior if prior.batch_shape == () or name == weight else _default_prior() for name in shapes}
+        first = next(iter(shapes))  # the weight
+        check_prior(prior, shapes[first])
+        priors = {name: prior if prior.batch_shape == () or name == first else _default_prior() for name in shapes}
     for name, distribution in priors.items():
         check_prior(distribution, shapes[name], f"prior for {name}")
     return priors

@@ -16,11 +16,12 @@ from .layers import BayesianLayer
 def kl(module: nn.Module) -> Tensor:
     """KL(q || p) of every vinn layer inside ``module`` (itself included), summed: a 0-dim tensor.
 
-    A layer reachable by several paths (a shared layer) counts once. 0. (on the module's device)
-    when there is no vinn layer. TypeError for anything but a `torch.nn.Module`.
+    A layer reachable by several paths (a shared layer) counts once, and so does a vinn layer inside
+    another (a MultiheadAttention's out_proj), whose own ``.kl`` covers it. 0. (on the module's
+    device) when there is no vinn layer. TypeError for anything but a `torch.nn.Module`.
     """
     validation.module(module, "module")
-    terms = [m.kl for m in module.modules() if isinstance(m, BayesianLayer)]
+    terms = [m._parameters_kl() for m in module.modules() if isinstance(m, BayesianLayer)]
     if terms:
         return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
     parameter = next(module.parameters(), None)

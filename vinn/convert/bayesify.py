@@ -43,6 +43,7 @@ from ..priors import PriorSpec
 from .config import CONVERTED_INIT_SCALE, BayesConfig, LayerSpec, layer_type_name
 from .models import BayesianGraphModule, bayesian_subclass, copy_hooks, has_hooks, user_class
 from .report import ConversionReport, LayerReport
+from .transformer import CALLS_SUBMODULES, keep_sampling, restore
 
 
 class _Functional(NamedTuple):
@@ -116,7 +117,8 @@ def bayesify(
     last: int | None = None,
     verbose: bool = False,
 ) -> Module:
-    """A Bayesian copy of ``model``: every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` becomes its vinn layer.
+    """A Bayesian copy of ``model``: every ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Embedding``
+    and ``nn.MultiheadAttention`` becomes its vinn layer (normalization layers where ``config`` names them).
 
     Each converted layer keeps every constructor attribute of the original (stride, padding,
     dilation, groups, output_padding, padding_mode, bias, dtype, device); its posterior loc is
@@ -135,10 +137,13 @@ def bayesify(
     ``F.linear`` / ``F.conv1d/2d/3d`` call whose weight and bias are parameters of the model used
     by that call alone. The result is then a `BayesianGraphModule`. Kept deterministic, and
     reported: parameters shared with another module (tied weights), layers inside a torch.nn
-    module that reads their weights directly (``nn.MultiheadAttention.out_proj``), layers never
-    called in ``forward``. If tracing fails (data-dependent control flow), a ``UserWarning`` says
-    why and the model's module tree is walked instead: the result is then an instance of
-    ``model``'s own class (with `vinn.Module` mixed in), its methods and attributes intact.
+    module that reads their weights directly (the ``out_proj`` of an ``nn.MultiheadAttention``
+    kept deterministic), layers never called in ``forward``. torch's transformer blocks, which
+    torch.fx cannot trace, call their layers: those are converted in place, and the blocks kept
+    off their fused fast path (`vinn.convert.transformer`). If tracing fails (data-dependent
+    control flow), a ``UserWarning`` says why and the model's module tree is walked instead: the
+    result is then an instance of ``model``'s own class (with `vinn.Module` mixed in), its methods
+    and attributes intact.
 
     Args:
         model: the trained torch.nn model.
@@ -207,6 +212,8 @@ def bayesify(
     for candidate in converted:
         if candidate.call is not None:
             _replace_functional_call(bnn, candidate, _bayesian_layer(candidate))
+    _converted_with_their_owner(bnn, candidates)
+    keep_sampling(bnn)
     if isinstance(bnn, BayesianGraphModule):
         for node in bnn.graph.nodes:
             # A string annotation (`from __future__ import annotations`) becomes a str global of the
@@ -246,7 +253,10 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     if isinstance(model, BayesianLayer):
         return _torch_layer(model)
     net = copy.deepcopy(model)
-    _replace_modules(net, {id(m): _torch_layer(m) for m in net.modules() if isinstance(m, BayesianLayer)})
+    layers = {name: m for name, m in net.named_modules() if isinstance(m, BayesianLayer)}
+    # a vinn layer inside another (a MultiheadAttention's out_proj) goes back with it
+    _replace_modules(net, {id(m): _torch_layer(m) for name, m in layers.items() if _leaf_ancestor(name, layers) is None})
+    restore(net)
     if isinstance(net, BayesianGraphModule):
         graph_module = torch.fx.GraphModule(net, net.graph, class_name=type(net).__name__)
         copy_hooks(net, graph_module)
@@ -291,13 +301,16 @@ def _graph_candidates(root: nn.Module, graph: Graph) -> list[_Candidate]:
             called.setdefault(node.target, position)
         elif node.op == "get_attr":
             read.add(node.target)
+    for name in list(called):
+        _add_called_submodules(root.get_submodule(name), name, called[name], called)
+    leaves = {name for name in called if type(root.get_submodule(name)) not in CALLS_SUBMODULES}
     tied = _tied_parameters(root)
     supported = tuple(layer_types())
     hooked = {name: has_hooks(module) for name, module in root.named_modules()}
     candidates = []
     for name, module in root.named_modules():
         if isinstance(module, supported):
-            reason = _module_reason(name, module, called, tied, hooked) or _usage_reason(name, called, read)
+            reason = _module_reason(name, module, leaves, tied, hooked) or _usage_reason(name, called, read)
             candidates.append(_module_candidate(name, module, called.get(name, -1), reason))
     parameters = dict(root.named_parameters())
     functional: dict[str, _Candidate] = {}  # by weight name: a weight used by several calls is one entry
@@ -315,7 +328,8 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
     leaves = {
         name
         for name, module in root.named_modules()
-        if name and tracer.is_leaf_module(module, name) and not isinstance(module, _CONTAINERS)
+        if name and tracer.is_leaf_module(module, name)
+        and not (isinstance(module, _CONTAINERS) or type(module) in CALLS_SUBMODULES)
     }
     tied = _tied_parameters(root)
     supported = tuple(layer_types())
@@ -324,6 +338,18 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
         for position, (name, module) in enumerate(root.named_modules())
         if isinstance(module, supported)
     ]
+
+
+def _add_called_submodules(module: nn.Module, name: str, position: int, called: dict[str, int]) -> None:
+    """Record as called at ``position`` what ``module``, called there, calls itself: every submodule of a torch
+    transformer block (see `vinn.convert.transformer`), through its containers (``layers``)."""
+    if type(module) not in CALLS_SUBMODULES and not isinstance(module, _CONTAINERS):
+        return
+    for child_name, child in module.named_children():
+        qualified = _qualified(name, child_name)
+        if not isinstance(child, _CONTAINERS):
+            called.setdefault(qualified, position)
+        _add_called_submodules(child, qualified, position, called)
 
 
 def _module_candidate(name: str, module: nn.Module, order: int, reason: str | None) -> _Candidate:
@@ -461,6 +487,16 @@ def _decide(candidates: list[_Candidate], config: BayesConfig, last: int | None)
             candidate.spec, candidate.reason = None, f"excluded by last={last}"
 
 
+def _converted_with_their_owner(bnn: nn.Module, candidates: list[_Candidate]) -> None:
+    """Mark converted the layers that a converted vinn layer made Bayesian with itself (a MultiheadAttention's
+    out_proj), reported as read directly by it until then; they take its spec."""
+    owners = {c.name: c for c in candidates if c.spec is not None and c.call is None}
+    for candidate in candidates:
+        owner = owners.get(_leaf_ancestor(candidate.name, owners))
+        if candidate.spec is None and owner is not None and isinstance(bnn.get_submodule(candidate.name), BayesianLayer):
+            candidate.spec, candidate.reason = owner.spec, None
+
+
 def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
     layer, spec = candidate.layer, candidate.spec
     try:
@@ -482,12 +518,16 @@ def _keep_settings(source: nn.Module, target: nn.Module) -> None:
     bias are frozen (a vinn layer's posterior scale follows its loc)."""
     copy_hooks(source, target)
     bayesian = target if isinstance(target, BayesianLayer) else source
-    for name in bayesian.parameter_names:
-        if getattr(source, name) is not None:
-            frozen = not getattr(source, name).requires_grad
-            for parameter in (getattr(target, name), getattr(target, f"{name}_log_sigma2", None)):
-                if parameter is not None:
-                    parameter.requires_grad_(not frozen)
+    for path, layer in bayesian.named_modules():  # the vinn layers inside it too (a MultiheadAttention's out_proj)
+        if not isinstance(layer, BayesianLayer):
+            continue
+        inner_source, inner_target = source.get_submodule(path), target.get_submodule(path)
+        for name in layer.parameter_names:
+            if getattr(inner_source, name) is not None:
+                frozen = not getattr(inner_source, name).requires_grad
+                for parameter in (getattr(inner_target, name), getattr(inner_target, f"{name}_log_sigma2", None)):
+                    if parameter is not None:
+                        parameter.requires_grad_(not frozen)
 
 
 def _copy_modes(model: nn.Module, bnn: nn.Module) -> None:
