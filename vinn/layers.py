@@ -468,8 +468,7 @@ class BayesianLayer(nn.Module):
 
     def _random_signs(self, t: Tensor) -> Tensor:
         """±1 per example and feature (channel, for convolutions: shared over the spatial dims)."""
-        shape = t.shape[: t.dim() - self._spatial_dims] + (1,) * self._spatial_dims
-        return torch.empty(shape, dtype=t.dtype, device=t.device).bernoulli_(0.5).mul_(2).sub_(1)
+        return random_signs(t.shape[: t.dim() - self._spatial_dims] + (1,) * self._spatial_dims, t)
 
     # -- conversion from and to torch.nn ---------------------------------------------------------
 
@@ -534,6 +533,11 @@ def normal_sample(mean: Tensor, var: Tensor) -> Tensor:
     if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
         return var.clamp_min_(tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
     return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
+
+
+def random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Independent ±1 with probability ½ each, of ``shape``, with ``like``'s dtype and device: flipout's signs."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(0.5).mul_(2).sub_(1)
 
 
 def _check_init_scale(init_scale: object) -> None:

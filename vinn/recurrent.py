@@ -33,7 +33,7 @@ from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .distributions import sigma2
-from .layers import BayesianLayer, register_layer
+from .layers import BayesianLayer, random_signs, register_layer
 from .sampling import sampling_enabled
 
 State = tuple[Tensor, ...]  # (h,), or (h, c) for an LSTM; each (layers * directions, batch, features)
@@ -273,7 +273,7 @@ class _RNNBase(BayesianLayer, nn.RNNBase):
         """The linear map of the parameters ``weight`` and ``bias``, perturbed by ``deltas`` through the
         random signs of each of ``batch`` sequences."""
         loc = getattr(self, weight)
-        signs = [loc.new_empty(batch, n).bernoulli_(0.5).mul_(2).sub_(1) for n in (loc.shape[1], loc.shape[0])]
+        signs = [random_signs((batch, n), loc) for n in (loc.shape[1], loc.shape[0])]
         return _FlippedLinear(
             loc,
             None if bias is None else getattr(self, bias),
