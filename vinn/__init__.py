@@ -28,6 +28,7 @@ from .layers import (
 from .module import Module, kl
 from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 from .optim import SCALE_LR_RATIO, param_groups
+from .parametrization import BayesianParameter
 from .prediction import predict, sample
 from .priors import EmpiricalBayesPrior, FanInPrior, PretrainedPrior, PriorSpec
 from .sampling import deterministic
@@ -50,6 +51,7 @@ __all__ = [
     "BatchNorm3d",
     "BayesConfig",
     "BayesianLayer",
+    "BayesianParameter",
     "Conv1d",
     "Conv2d",
     "Conv3d",

@@ -202,7 +202,7 @@ class BayesianLayer(nn.Module):
         with torch.no_grad():
             prior_loc = self._buffers[f"{name}_prior_loc"]
             if is_normal(self.posterior):
-                second_moment = self._sigma2(name) + (self._parameters[name] - prior_loc).square()
+                second_moment = self._sigma2(name) + (getattr(self, name) - prior_loc).square()
             else:
                 posterior = self._posterior(name)
                 second_moment = posterior.variance + (posterior.mean - prior_loc).square()
@@ -310,7 +310,7 @@ class BayesianLayer(nn.Module):
             # the default case, straight from the parameters and buffers: no distribution objects
             buffers = self._buffers
             return normal_kl(
-                self._parameters[name],
+                getattr(self, name),  # the loc: a parameter of the layer, or a BayesianParameter's original
                 self._parameters[f"{name}_log_sigma2"],
                 buffers[f"{name}_prior_loc"],
                 buffers[f"{name}_prior_scale"],
