@@ -197,7 +197,7 @@ def test_estimator_defaults_and_bad_values():
     assert vinn.Linear(2, 2, posterior=Laplace, estimator="flipout").estimator == "flipout"
     with pytest.raises(ValueError, match="estimator must be one of"):
         vinn.Linear(2, 2, estimator="bbb")
-    with pytest.raises(ValueError, match="needs a Normal posterior"):
+    with pytest.raises(ValueError, match="needs a Normal or MatrixNormal posterior"):
         vinn.Linear(2, 2, posterior=Laplace, estimator="lrt")
     with pytest.raises(ValueError, match="symmetric"):
         vinn.Linear(2, 2, posterior=torch.distributions.Gumbel, estimator="flipout")

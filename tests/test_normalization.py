@@ -82,3 +82,16 @@ def test_bayesify_converts_normalization_only_where_the_config_names_it():
     samples = vinn.sample(bnn, x, samples=4)
     assert samples.std(0).min() > 0
     assert type(vinn.to_deterministic(bnn).get_submodule("1")) is nn.BatchNorm2d
+
+
+def test_from_torch_and_to_torch_keep_running_statistics():
+    torch.manual_seed(0)
+    source = nn.BatchNorm1d(3).train()
+    source(torch.randn(8, 3) * 2 + 1)  # running statistics away from their initial values
+    layer = vinn.BatchNorm1d.from_torch(source)
+    back = layer.to_torch()
+    for name, buffer in source.named_buffers():
+        assert torch.equal(layer.get_buffer(name), buffer) and torch.equal(back.get_buffer(name), buffer)
+    x = torch.randn(4, 3)
+    with vinn.deterministic():
+        torch.testing.assert_close(layer.eval()(x), source.eval()(x))

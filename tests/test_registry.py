@@ -53,6 +53,10 @@ def test_built_in_types_are_registered():
         nn.BatchNorm1d: vinn.BatchNorm1d,
         nn.BatchNorm2d: vinn.BatchNorm2d,
         nn.BatchNorm3d: vinn.BatchNorm3d,
+        nn.LSTM: vinn.LSTM,
+        nn.GRU: vinn.GRU,
+        nn.RNN: vinn.RNN,
+        nn.MultiheadAttention: vinn.MultiheadAttention,
     }
     vinn.layer_types().clear()  # a copy: the registry stays
     assert nn.Linear in vinn.layer_types()

@@ -1,5 +1,6 @@
 """vinn: Bayesian neural networks trained by variational inference, as drop-in torch.nn layers."""
 
+from .attention import MultiheadAttention
 from .convert import (
     BayesConfig,
     ConversionReport,
@@ -8,6 +9,7 @@ from .convert import (
     bayesify,
     to_deterministic,
 )
+from .distributions import MatrixNormal
 from .elbo import ELBO
 from .layers import (
     MAX_SCALE,
@@ -31,6 +33,7 @@ from .optim import SCALE_LR_RATIO, param_groups
 from .parametrization import BayesianParameter
 from .prediction import predict, sample
 from .priors import EmpiricalBayesPrior, FanInPrior, PretrainedPrior, PriorSpec
+from .recurrent import GRU, LSTM, RNN
 from .sampling import deterministic
 from .uncertainty import (
     auroc,
@@ -60,20 +63,25 @@ __all__ = [
     "ConvTranspose3d",
     "ConversionReport",
     "ELBO",
+    "GRU",
     "GroupNorm",
     "Embedding",
     "EmpiricalBayesPrior",
     "FanInPrior",
+    "LSTM",
     "LayerNorm",
     "LayerReport",
     "LayerSpec",
     "Linear",
     "MAX_SCALE",
     "MIN_SCALE",
+    "MatrixNormal",
     "Module",
+    "MultiheadAttention",
     "PretrainedPrior",
     "PriorSpec",
     "RMSNorm",
+    "RNN",
     "RelativeScale",
     "SCALE_LR_RATIO",
     "auroc",

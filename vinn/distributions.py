@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Cauchy, Distribution, Laplace, Normal, StudentT, constraints, kl_divergence
+from torch.distributions import Cauchy, Distribution, Laplace, Normal, StudentT, constraints, kl_divergence, register_kl
 from torch.distributions.transforms import Transform
 
 PosteriorFamily = Callable[..., Distribution]
@@ -34,6 +34,8 @@ def check_posterior(posterior: object) -> None:
     )
     if isinstance(posterior, Distribution):
         raise TypeError(f"{hint}; got the instance {posterior!r}: pass the class, e.g. posterior=Normal")
+    if posterior is MatrixNormal:  # not elementwise: the layer checks that its weight is one matrix
+        return
     try:
         sample = posterior(loc=torch.zeros(2), scale=torch.ones(2), validate_args=False)
     except Exception as error:  # any failure to build means the argument is not such a class
@@ -56,6 +58,8 @@ def covers_real_line(support: constraints.Constraint) -> bool:
 
 def has_finite_variance(posterior: PosteriorFamily) -> bool:
     """Whether the family's variance is finite (not Cauchy's, nor StudentT's with df <= 2)."""
+    if posterior is MatrixNormal:
+        return True
     variance = posterior(loc=torch.zeros(1), scale=torch.ones(1), validate_args=False).variance
     return bool(variance.isfinite().all())
 
@@ -71,8 +75,14 @@ def is_normal(posterior: PosteriorFamily) -> bool:
     return _family(posterior) is Normal
 
 
+def is_gaussian(posterior: PosteriorFamily) -> bool:
+    """Whether the family is Normal or `MatrixNormal`: the cases where local reparameterization is exact."""
+    return _family(posterior) in (Normal, MatrixNormal)
+
+
 def is_symmetric(posterior: PosteriorFamily) -> bool:
-    """Whether w - loc and loc - w have the same law, as flipout's sign flips require."""
+    """Whether w - loc and loc - w have the same law under flipout's sign flips of rows and columns
+    (elementwise families; not `MatrixNormal`, whose column correlations flip sign with them)."""
     return _family(posterior) in (Normal, Laplace, Cauchy, StudentT)
 
 
@@ -184,7 +194,8 @@ def kl_sum(posterior: Distribution, prior: Distribution) -> Tensor:
         return kl_divergence(posterior, prior).sum()
     except NotImplementedError:
         w = posterior.rsample()
-        return (posterior.log_prob(w) - prior.log_prob(w)).sum()
+        # summed apart: a matrix posterior's log density is one number, the prior's one per element
+        return posterior.log_prob(w).sum() - prior.log_prob(w).sum()
 
 
 def _variance_bounds(dtype: torch.dtype) -> tuple[float, float]:
@@ -285,3 +296,80 @@ def normal_kl(loc: Tensor, log_sigma2: Tensor, prior_loc: Tensor, prior_scale: T
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class MatrixNormal(Distribution):
+    """A Gaussian over (rows, columns) matrices with independent rows and correlated columns.
+
+    ``W = loc + diag(row_scale) E Lᵀ`` with E a matrix of standard normals and ``L =
+    column_scale_tril``: ``cov(W_ij, W_kl) = δ_ik row_scale_i² V_jl`` with ``V = L Lᵀ``, a matrix
+    normal MN(loc, diag(row_scale²), V) (Louizos & Welling 2016). As the posterior of a `vinn.Linear`
+    (``posterior=vinn.MatrixNormal``), whose rows are output units and columns input features, the
+    variance of a pre-activation ``w_i · x`` is ``row_scale_i² xᵀVx``: it grows with how far ``x``
+    lies along directions the data left uncertain, where a mean-field posterior only sees
+    ``Σ_j x_j² σ_ij²``. That is what a last-layer Laplace approximation's predictive variance owes its
+    out-of-distribution detection to, at d(d+1)/2 + o parameters instead of o·d.
+
+    ``loc`` (rows, columns), ``row_scale`` (rows,) > 0, ``column_scale_tril`` (columns, columns)
+    lower triangular with a positive diagonal. No batch dimensions: the event is the whole matrix.
+    """
+
+    arg_constraints = {
+        "loc": constraints.real,
+        "row_scale": constraints.positive,
+        "column_scale_tril": constraints.lower_cholesky,
+    }
+    support = constraints.independent(constraints.real, 2)
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, row_scale: Tensor, column_scale_tril: Tensor, validate_args: bool | None = None) -> None:
+        if loc.dim() != 2 or row_scale.shape != loc.shape[:1] or column_scale_tril.shape != (loc.shape[1], loc.shape[1]):
+            raise ValueError(
+                "MatrixNormal takes loc (rows, columns), row_scale (rows,) and column_scale_tril (columns, columns), got "
+                f"{tuple(loc.shape)}, {tuple(row_scale.shape)} and {tuple(column_scale_tril.shape)}"
+            )
+        self.loc, self.row_scale, self.column_scale_tril = loc, row_scale, column_scale_tril
+        super().__init__(torch.Size(), loc.shape, validate_args=validate_args)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def variance(self) -> Tensor:
+        """The marginal variance of every element, ``row_scale_i² V_jj``: (rows, columns)."""
+        return self.row_scale.square()[:, None] * self.column_scale_tril.square().sum(-1)
+
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> Tensor:
+        noise = torch.randn(self._extended_shape(torch.Size(sample_shape)), dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + self.row_scale[:, None] * (noise @ self.column_scale_tril.mT)
+
+    def _log_det(self) -> Tensor:
+        """log det of the covariance diag(row_scale²) ⊗ V over the flattened matrix."""
+        rows, columns = self.loc.shape
+        return 2 * (columns * self.row_scale.log().sum() + rows * self.column_scale_tril.diagonal().log().sum())
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        # whitened: each row's deviation E_i Lᵀ solved for E_i
+        deviation = (value - self.loc) / self.row_scale[:, None]
+        whitened = torch.linalg.solve_triangular(self.column_scale_tril, deviation.mT, upper=False)
+        return -0.5 * (whitened.square().sum((-2, -1)) + self._log_det() + self.loc.numel() * math.log(2 * math.pi))
+
+    def entropy(self) -> Tensor:
+        return 0.5 * (self.loc.numel() * (1 + math.log(2 * math.pi)) + self._log_det())
+
+    def expand(self, batch_shape: torch.Size | list[int] | tuple[int, ...], _instance: Distribution | None = None) -> MatrixNormal:
+        if tuple(batch_shape) != ():
+            raise ValueError(f"MatrixNormal has no batch dimensions, got batch_shape {tuple(batch_shape)}")
+        return self
+
+
+@register_kl(MatrixNormal, Normal)
+def _kl_matrix_normal_normal(q: MatrixNormal, p: Normal) -> Tensor:
+    """KL(q || p) with p taken elementwise over the matrix (its batch shape broadcast to q's), summed:
+    ½ Σ_ij [(row_scale_i² V_jj + (loc_ij - m_ij)²) / s_ij² - 1 + log s_ij²] - ½ log det Σ_q."""
+    prior_var = p.scale.square().expand(q.loc.shape)
+    terms = (q.variance + (q.loc - p.loc).square()) / prior_var + prior_var.log()
+    return 0.5 * (terms.sum() - q.loc.numel() - q._log_det())

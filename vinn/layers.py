@@ -28,12 +28,14 @@ from .distributions import (
     LOW_PRECISION,
     MAX_SCALE,
     MIN_SCALE,
+    MatrixNormal,
     PosteriorFamily,
     check_arguments,
     check_posterior,
     check_prior,
     family_name,
     has_finite_variance,
+    is_gaussian,
     is_normal,
     is_symmetric,
     kl_sum,
@@ -77,13 +79,23 @@ class BayesianLayer(nn.Module):
     ``weight``: the local reparameterization trick relies on it. They declare what is particular
     to them as class attributes: ``parameter_names`` (the random parameters, each a posterior loc
     of the torch.nn layer) and ``output_dim`` (the dimension of ``weight`` indexing output units).
+    A layer whose parameter names depend on its configuration (`vinn.LSTM`: one set per layer and
+    direction) makes ``parameter_names`` a property of the instance and overrides
+    `parameter_names_of`, which gives them for its torch layer too. ``estimators`` lists the
+    estimators its op allows, the default for a posterior being the first that suits it.
     """
 
     _torch_cls: ClassVar[type[nn.Module]]
+    # the torch layer's constructor signature: read from its __init__ unless declared (torch's
+    # recurrent layers hide theirs behind typing overloads)
+    _torch_signature: ClassVar[inspect.Signature]
     parameter_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
     output_dim: ClassVar[int] = 0
     estimators: ClassVar[tuple[str, ...]] = ESTIMATORS  # flipout needs an op linear in its input
     converted_by_default: ClassVar[bool] = True  # False: bayesify converts it only where the config names it
+    # True: ``posterior=vinn.MatrixNormal`` works, as ``op(x, W, b)`` is ``x Wᵀ + b`` for one
+    # (out, in) matrix W (an F.linear), the form its local reparameterization needs
+    matrix_normal: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -93,7 +105,9 @@ class BayesianLayer(nn.Module):
         ]
         if torch_bases:
             cls._torch_cls = torch_bases[0]
-            signature = inspect.signature(cls._torch_cls.__init__)
+            if not hasattr(cls, "_torch_signature"):  # declared by the class, or a vinn base of it
+                cls._torch_signature = inspect.signature(cls._torch_cls.__init__)
+            signature = cls._torch_signature
             params = [p for p in signature.parameters.values() if p.name != "self"]
             extra = [
                 inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
@@ -133,11 +147,16 @@ class BayesianLayer(nn.Module):
     ) -> None:
         self._torch_cls.__init__(self, *args, **kwargs)
         check_posterior(posterior)
+        if posterior is MatrixNormal and not self.matrix_normal:
+            raise ValueError(
+                f"posterior=vinn.MatrixNormal needs a layer computing x Wᵀ + b (vinn.Linear); {type(self).__name__} does not: "
+                "use an elementwise posterior such as Normal for it"
+            )
         _check_init_scale(init_scale)
         _check_prior_argument(prior, posterior)
         self.posterior = posterior
         self.init_scale = init_scale
-        self.estimator = _check_estimator(estimator, posterior)
+        self.estimator = _check_estimator(estimator, posterior, self.estimators)
         if self.estimator not in self.estimators:
             raise ValueError(f"estimator must be one of {self.estimators} for a {type(self).__name__}, got {self.estimator!r}")
         self._prior_source = _default_prior() if prior is None else prior
@@ -146,21 +165,52 @@ class BayesianLayer(nn.Module):
         for name in self.parameter_names:
             loc = getattr(self, name)
             log_sigma2 = None if loc is None else nn.Parameter(torch.empty_like(loc))
+            if name == "weight" and self._matrix_normal:
+                # weight ~ MN(loc, diag(u), V), V = L diag(c) Lᵀ with L unit lower triangular: log u per
+                # row here (out, 1), log c in weight_column_log_sigma2 (in,), L's strictly lower part
+                # in weight_column_tril (in, in)
+                out_features, in_features = loc.shape
+                log_sigma2 = nn.Parameter(loc.new_empty(out_features, 1))
+                self.weight_column_log_sigma2 = nn.Parameter(loc.new_empty(in_features))
+                self.weight_column_tril = nn.Parameter(loc.new_empty(in_features, in_features))
             self.register_parameter(f"{name}_log_sigma2", log_sigma2)
         if not _skip_initialisation.get():
             self._register_priors()
             self.reset_scale()
 
     @property
+    def _matrix_normal(self) -> bool:
+        return self.posterior is MatrixNormal
+
+    @property
+    def _elementwise_family(self) -> PosteriorFamily:
+        """The posterior family of the parameters without a matrix posterior (a MatrixNormal layer's bias: Normal)."""
+        return Normal if self._matrix_normal else self.posterior
+
+    @property
     def fan_in(self) -> int:
         """How many weights feed each output unit: the weight's elements per index of ``output_dim``."""
         return self.weight.numel() // self.weight.shape[self.output_dim]
+
+    @classmethod
+    def parameter_names_of(cls, module: nn.Module) -> tuple[str, ...]:
+        """The names of the random parameters of ``module``, a layer of this type or its torch layer
+        (which `vinn.bayesify` converts): ``parameter_names``, the same for every layer of most types."""
+        return cls.parameter_names
 
     def random_parameters(self) -> dict[str, Tensor]:
         """The posterior loc of every random parameter the layer has (``bias=False``: no ``"bias"``), by name."""
         # no `:=` in a comprehension: torch.compile cannot trace it
         locs = {name: getattr(self, name) for name in self.parameter_names}
         return {name: loc for name, loc in locs.items() if loc is not None}
+
+    def scale_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters of the posterior other than its locs, by name: every ``<name>_log_sigma2``,
+        and a `MatrixNormal` weight's ``weight_column_log_sigma2`` and ``weight_column_tril``."""
+        names = [f"{name}_log_sigma2" for name in self.random_parameters()]
+        if self._matrix_normal:
+            names += ["weight_column_log_sigma2", "weight_column_tril"]
+        return {name: self._parameters[name] for name in names}
 
     # -- the prior, kept as buffers -----------------------------------------------------------------
 
@@ -201,7 +251,7 @@ class BayesianLayer(nn.Module):
             return
         with torch.no_grad():
             prior_loc = self._buffers[f"{name}_prior_loc"]
-            if is_normal(self.posterior):
+            if is_gaussian(self.posterior):
                 second_moment = self._sigma2(name) + (getattr(self, name) - prior_loc).square()
             else:
                 posterior = self._posterior(name)
@@ -214,11 +264,12 @@ class BayesianLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _check_state(self, state_dict: Mapping[str, Any], prefix: str) -> None:
-        """Raise ValueError if ``state_dict`` holds, for this layer, a non-finite log σ² or an invalid prior."""
+        """Raise ValueError if ``state_dict`` holds, for this layer, a non-finite posterior scale parameter or an invalid prior."""
+        for key in self.scale_parameters():
+            value = state_dict.get(prefix + key)
+            if isinstance(value, Tensor) and not bool(value.isfinite().all()):
+                raise ValueError(f"state_dict entry {prefix}{key} holds NaN or infinite values")
         for name in self.random_parameters():
-            log_sigma2 = state_dict.get(f"{prefix}{name}_log_sigma2")
-            if isinstance(log_sigma2, Tensor) and not bool(log_sigma2.isfinite().all()):
-                raise ValueError(f"state_dict entry {prefix}{name}_log_sigma2 holds NaN or infinite values")
             template, shapes = self._prior_templates[name]
             leaves = {}
             for path, shape in shapes.items():
@@ -236,7 +287,7 @@ class BayesianLayer(nn.Module):
         if _skip_initialisation.get():
             return
         super().reset_parameters()  # the torch.nn layer's loc initialisation
-        if "weight_log_sigma2" in self._parameters:  # torch.nn's __init__ calls this before it exists
+        if f"{self.parameter_names[0]}_log_sigma2" in self._parameters:  # torch.nn's __init__ calls this before it exists
             self._register_priors()
             self.reset_scale()
 
@@ -253,6 +304,11 @@ class BayesianLayer(nn.Module):
         _check_init_scale(init_scale)
         log_sigma2 = {name: _initial_log_sigma2(init_scale, name, loc) for name, loc in self.random_parameters().items()}
         self.init_scale = init_scale
+        if self._matrix_normal:
+            # each row's mean variance, the columns' covariance the identity
+            log_sigma2["weight"] = log_sigma2["weight"].logsumexp(1, keepdim=True) - math.log(self.weight.shape[1])
+            self.weight_column_log_sigma2.zero_()
+            self.weight_column_tril.zero_()
         for name, value in log_sigma2.items():
             getattr(self, f"{name}_log_sigma2").copy_(value)
         for name in log_sigma2:
@@ -261,8 +317,17 @@ class BayesianLayer(nn.Module):
     # -- the posterior and the prior as distributions ---------------------------------------------
 
     def _sigma2(self, name: str) -> Tensor | None:
+        """The posterior variance of every element of the parameter ``name`` (marginal, for a matrix posterior)."""
+        if name == "weight" and self._matrix_normal:
+            return self._posterior("weight").variance
         log_sigma2 = getattr(self, f"{name}_log_sigma2")
         return None if log_sigma2 is None else sigma2(log_sigma2)
+
+    def _column_scale_tril(self) -> Tensor:
+        """A MatrixNormal weight's L diag(c)^½: the lower Cholesky factor of its columns' covariance V."""
+        strictly_lower = torch.tril(self.weight_column_tril, -1)
+        unit_tril = strictly_lower + torch.eye(len(strictly_lower), dtype=strictly_lower.dtype, device=strictly_lower.device)
+        return unit_tril * sigma2(self.weight_column_log_sigma2).sqrt()
 
     def _scale(self, name: str) -> Tensor | None:
         variance = self._sigma2(name)
@@ -282,11 +347,15 @@ class BayesianLayer(nn.Module):
         loc = getattr(self, name)
         if loc is None:
             return None
-        return self.posterior(loc=_cast(loc, dtype), scale=_cast(self._scale(name), dtype), validate_args=False)
+        if name == "weight" and self._matrix_normal:
+            row_scale = sigma2(self.weight_log_sigma2).sqrt().squeeze(1)
+            return MatrixNormal(_cast(loc, dtype), _cast(row_scale, dtype), _cast(self._column_scale_tril(), dtype), validate_args=False)
+        return self._elementwise_family(loc=_cast(loc, dtype), scale=_cast(self._scale(name), dtype), validate_args=False)
 
     @property
     def weight_posterior(self) -> Distribution:
-        """q(weight): the posterior family with batch shape ``weight.shape``, differentiable in its parameters."""
+        """q(weight): the posterior family with batch shape ``weight.shape`` (a `MatrixNormal`: event
+        shape ``weight.shape``), differentiable in its parameters."""
         return self._posterior("weight")
 
     @property
@@ -316,13 +385,19 @@ class BayesianLayer(nn.Module):
                 buffers[f"{name}_prior_scale"],
             )
         # a KL sums over every element: in float32 for 16-bit parameters, as normal_kl does
-        dtype = torch.float32 if self._parameters[name].dtype in LOW_PRECISION else None
+        dtype = torch.float32 if getattr(self, name).dtype in LOW_PRECISION else None
         return kl_sum(self._posterior(name, dtype), self._prior(name, dtype))
+
+    def _parameters_kl(self) -> Tensor:
+        """KL(q || p) summed over the layer's own random parameters, not those of the vinn layers inside it."""
+        terms = [self._kl(name) for name in self.random_parameters()]
+        return sum(terms[1:], terms[0])
 
     @property
     def kl(self) -> Tensor:
-        """KL(q || p) summed over every weight and bias element: a differentiable 0-dim tensor (nats)."""
-        terms = [self._kl(name) for name in self.random_parameters()]
+        """KL(q || p) summed over every weight and bias element, those of the vinn layers inside this one
+        included (a MultiheadAttention's out_proj): a differentiable 0-dim tensor (nats)."""
+        terms = [m._parameters_kl() for m in self.modules() if isinstance(m, BayesianLayer)]
         return sum(terms[1:], terms[0])
 
     @property
@@ -359,13 +434,7 @@ class BayesianLayer(nn.Module):
         if not sampling_enabled():
             return self._op(input, *locs, *args, **kwargs)
         if self.estimator == "lrt":
-            mean = self._op(input, *locs, *args, **kwargs)
-            var = self._variance(input, *args, **kwargs)
-            # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
-            tiny = torch.finfo(var.dtype).tiny
-            if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
-                return var.clamp_min_(tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
-            return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
+            return normal_sample(self._op(input, *locs, *args, **kwargs), self._variance(input, *args, **kwargs))
         if self.estimator == "flipout":
             mean = self._op(input, *locs, *args, **kwargs)
             deltas = [self._perturbation(name) for name in self.parameter_names]
@@ -382,7 +451,12 @@ class BayesianLayer(nn.Module):
 
     def _variance(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The variance of every output element under the posterior, for local reparameterization:
-        ``op(x², σ_w², σ_b²)``, exact for an op linear in its input and in its weights."""
+        ``op(x², σ_w², σ_b²)``, exact for an op linear in its input and in its weights. With a
+        `MatrixNormal` weight, output i has variance ``u_i xᵀVx + σ_b,i²``: the op applied to the
+        one feature xᵀVx with the row variances u as a one-column weight."""
+        if self._matrix_normal:
+            quadratic = (input @ self._column_scale_tril()).square().sum(-1, keepdim=True)  # xᵀVx: (*, 1)
+            return self._op(quadratic, sigma2(self.weight_log_sigma2), self._sigma2("bias"))
         return self._op(input.square(), *(self._sigma2(name) for name in self.parameter_names), *args, **kwargs)
 
     def _perturbation(self, name: str) -> Tensor | None:
@@ -390,7 +464,7 @@ class BayesianLayer(nn.Module):
         scale = self._scale(name)
         if scale is None:
             return None
-        return self.posterior(loc=scale.new_zeros(()), scale=scale, validate_args=False).rsample()
+        return self._elementwise_family(loc=scale.new_zeros(()), scale=scale, validate_args=False).rsample()
 
     def _random_signs(self, t: Tensor) -> Tensor:
         """±1 per example and feature (channel, for convolutions: shared over the spatial dims)."""
@@ -409,7 +483,7 @@ class BayesianLayer(nn.Module):
         if "bias" in names:
             config["bias"] = module.bias is not None
         if "device" in arguments:
-            config.update(device=module.weight.device, dtype=module.weight.dtype)
+            config.update(_factory(module))
         return config
 
     @classmethod
@@ -434,10 +508,8 @@ class BayesianLayer(nn.Module):
             layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
         finally:
             _skip_initialisation.reset(token)
-        layer.to(device=module.weight.device, dtype=module.weight.dtype)  # for a torch layer built without them
-        with torch.no_grad():
-            for name, loc in layer.random_parameters().items():
-                loc.copy_(getattr(module, name))
+        layer.to(**_factory(module))  # for a torch layer built without them
+        _copy_torch_state(module, layer)
         # a pretrained prior and a relative init_scale depend on the loc just copied
         layer._register_priors()
         layer.reset_scale()
@@ -445,17 +517,23 @@ class BayesianLayer(nn.Module):
 
     def to_torch(self) -> nn.Module:
         """The torch.nn counterpart with this layer's configuration, holding the posterior loc."""
-        module = self._torch_cls(**self._config(self)).to(device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            for name, loc in self.random_parameters().items():
-                getattr(module, name).copy_(loc)
+        module = self._torch_cls(**self._config(self)).to(**_factory(self))
+        _copy_torch_state(self, module)
         return module.train(self.training)
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, posterior={family_name(self.posterior)}, prior={self.weight_prior}, "
-            f"estimator={self.estimator!r}"
-        )
+        first = next(iter(self.random_parameters()))  # the weight
+        bayesian = f"posterior={family_name(self.posterior)}, prior={self._prior(first)}, estimator={self.estimator!r}"
+        return ", ".join(filter(None, (super().extra_repr(), bayesian)))
+
+
+def normal_sample(mean: Tensor, var: Tensor) -> Tensor:
+    """A draw of Normal(mean, var), elementwise: local reparameterization's output (``var`` may be overwritten)."""
+    # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
+    tiny = torch.finfo(var.dtype).tiny
+    if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
+        return var.clamp_min_(tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
+    return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
 
 
 def _check_init_scale(init_scale: object) -> None:
@@ -464,16 +542,31 @@ def _check_init_scale(init_scale: object) -> None:
         real(init_scale, "init_scale", low=MIN_SCALE, high=MAX_SCALE, low_open=True, high_open=True, accepted=accepted)
 
 
-def _check_estimator(estimator: str | None, posterior: PosteriorFamily) -> str:
-    """The estimator to use: the given one if it suits the posterior; by default LRT for Normal."""
+def _check_estimator(estimator: str | None, posterior: PosteriorFamily, estimators: tuple[str, ...] = ESTIMATORS) -> str:
+    """The estimator to use: the given one if it suits the posterior; by default the first of ``estimators``
+    (a layer's, in its order of preference) that suits it: LRT for Normal where the layer allows it."""
     if estimator is None:
-        return "lrt" if is_normal(posterior) else "sample"
+        suitable = [e for e in estimators if _unsuitable(e, posterior) is None]
+        if not suitable:
+            raise ValueError(f"none of the estimators {estimators} suits a {family_name(posterior)} posterior")
+        return suitable[0]
     one_of(estimator, "estimator", ESTIMATORS)
-    if estimator == "lrt" and not is_normal(posterior):
-        raise ValueError(f"estimator='lrt' needs a Normal posterior, got {family_name(posterior)}; use 'sample' or 'flipout'")
-    if estimator == "flipout" and not is_symmetric(posterior):
-        raise ValueError(f"estimator='flipout' needs a posterior symmetric about its loc, got {family_name(posterior)}")
+    problem = _unsuitable(estimator, posterior)
+    if problem is not None:
+        raise ValueError(problem)
     return estimator
+
+
+def _unsuitable(estimator: str, posterior: PosteriorFamily) -> str | None:
+    """Why ``estimator`` cannot sample a layer with this posterior family; None if it can."""
+    if estimator == "lrt" and not is_gaussian(posterior):
+        return f"estimator='lrt' needs a Normal or MatrixNormal posterior, got {family_name(posterior)}; use 'sample' or 'flipout'"
+    if estimator == "flipout" and not is_symmetric(posterior):
+        return (
+            "estimator='flipout' needs an elementwise posterior symmetric about its loc (Normal, Laplace, Cauchy, StudentT), "
+            f"got {family_name(posterior)}"
+        )
+    return None
 
 
 def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
@@ -525,6 +618,22 @@ def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> Tensor
     return (2 * scale.log()).expand_as(loc)
 
 
+def _factory(module: nn.Module) -> dict[str, Any]:
+    """The device and dtype of ``module``'s first parameter, as torch.nn's factory keyword arguments."""
+    parameter = next(module.parameters())
+    return {"device": parameter.device, "dtype": parameter.dtype}
+
+
+@torch.no_grad()
+def _copy_torch_state(source: nn.Module, target: nn.Module) -> None:
+    """Copy the whole state of a torch.nn layer, every parameter and buffer (running statistics, a
+    MultiheadAttention's bias_k and out_proj), between it and its vinn layer, which has its own besides."""
+    sources = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    targets = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    for name in sources.keys() & targets.keys():
+        targets[name].copy_(sources[name])
+
+
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
@@ -574,8 +683,9 @@ def _split_prior(prior: Distribution | Mapping[str, Distribution] | PriorSpec, l
             raise ValueError(f"prior mapping keys must be {names}, got {sorted(unknown)}")
         priors = {name: prior.get(name, _default_prior()) for name in shapes}
     else:
-        check_prior(prior, shapes["weight"])
-        priors = {name: prior if prior.batch_shape == () or name == "weight" else _default_prior() for name in shapes}
+        first = next(iter(shapes))  # the weight
+        check_prior(prior, shapes[first])
+        priors = {name: prior if prior.batch_shape == () or name == first else _default_prior() for name in shapes}
     for name, distribution in priors.items():
         check_prior(distribution, shapes[name], f"prior for {name}")
     return priors
@@ -586,9 +696,11 @@ class Linear(BayesianLayer, nn.Linear):
     """Bayesian `torch.nn.Linear`: y = x Wᵀ + b with W, b drawn from the posterior.
 
     Input (*, in_features), output (*, out_features). Arguments as torch.nn.Linear, plus
-    ``posterior`` (a distribution class with loc and scale), ``prior`` (a distribution instance,
+    ``posterior`` (a distribution class with loc and scale, or `vinn.MatrixNormal`), ``prior`` (a distribution instance,
     or a mapping ``{"weight": ..., "bias": ...}``) and ``init_scale`` (initial posterior scale).
     """
+
+    matrix_normal = True
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(input, weight, bias)

@@ -18,7 +18,8 @@ from .parametrization import legacy_keys
 def kl(module: nn.Module) -> Tensor:
     """KL(q || p) of every vinn layer inside ``module`` (itself included), summed: a 0-dim tensor.
 
-    A layer reachable by several paths (a shared layer) counts once, and so does a posterior that
+    A layer reachable by several paths (a shared layer) counts once, and so does a vinn layer inside
+    another (a MultiheadAttention's out_proj), whose own ``.kl`` covers it, and a posterior that
     several layers share (tied weights, see `vinn.bayesify`: their ``*_log_sigma2`` parameter is one
     object), counted with the first layer holding it. A `vinn.BayesianParameter` counts as a layer.
     0. (on the module's device) when there is no vinn layer. TypeError for anything but a
@@ -33,7 +34,7 @@ def kl(module: nn.Module) -> Tensor:
         names = list(m.random_parameters())
         scales = [id(m._parameters[f"{name}_log_sigma2"]) for name in names]
         if counted.isdisjoint(scales):
-            terms.append(m.kl)  # the common case: the layer's own KL, however the layer computes it
+            terms.append(m._parameters_kl())  # the common case: the layer's own KL, however the layer computes it
         else:
             terms += [m._kl(name) for name, scale in zip(names, scales) if scale not in counted]
         counted.update(scales)

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from .layers import BayesianLayer
 from .validation import module, real
 
 # How much faster than the posterior locs the log-variances learn under `param_groups`, as a ratio
@@ -19,7 +20,7 @@ from .validation import module, real
 # units back at the prior), 0.4 nats worse on Boston.
 SCALE_LR_RATIO = 3.0
 
-# The name vinn gives its log-variance parameters (``weight_log_sigma2``): `param_groups` finds them by it.
+# The name of a log-variance parameter (vinn's ``weight_log_sigma2``, a likelihood's ``noise_log_sigma2``).
 LOG_VARIANCE_SUFFIX = "log_sigma2"
 
 
@@ -34,10 +35,11 @@ def param_groups(
 
         optimizer = torch.optim.Adam(vinn.param_groups(bnn, lr=1e-3))
 
-    The log-variances are the parameters whose name ends in ``log_sigma2``: every vinn layer's
-    posterior scales (``weight_log_sigma2``, ...) and any of your own named so, such as a
-    regression likelihood's learned noise variance (``self.noise_log_sigma2``), which has as far
-    to travel.
+    The scale group holds every vinn layer's posterior parameters other than its locs (the
+    log-variances ``weight_log_sigma2``, ..., and a `vinn.MatrixNormal` weight's column factor
+    ``weight_column_tril``) and every parameter of your own whose name ends in ``log_sigma2``, such
+    as a regression likelihood's learned noise variance (``self.noise_log_sigma2``), which has as
+    far to travel.
 
     ``scale_lr`` defaults to ``lr * vinn.SCALE_LR_RATIO``: made for Adam-like optimizers, whose step
     is about the learning rate whatever the gradient's size. The scales never take weight decay,
@@ -48,10 +50,14 @@ def param_groups(
     for name, value in (("lr", lr), ("scale_lr", scale_lr), ("weight_decay", weight_decay)):
         if value is not None or name != "scale_lr":
             real(value, name, low=0.0, accepted="a non-negative, finite float" + (" or None" if name == "scale_lr" else ""))
+    posterior_scales = {
+        id(parameter) for layer in model.modules() if isinstance(layer, BayesianLayer) for parameter in layer.scale_parameters().values()
+    }
     scales: list[nn.Parameter] = []
     others: list[nn.Parameter] = []
     for name, parameter in model.named_parameters():  # each parameter once, shared ones included
-        (scales if name.endswith(LOG_VARIANCE_SUFFIX) else others).append(parameter)
+        is_scale = id(parameter) in posterior_scales or name.endswith(LOG_VARIANCE_SUFFIX)
+        (scales if is_scale else others).append(parameter)
     groups = [
         {"params": others, "lr": lr, "weight_decay": weight_decay},
         {"params": scales, "lr": lr * SCALE_LR_RATIO if scale_lr is None else scale_lr, "weight_decay": 0.0},

@@ -28,7 +28,7 @@ from torch.distributions import Normal
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from .distributions import PosteriorFamily, check_posterior, family_name
+from .distributions import MatrixNormal, PosteriorFamily, check_posterior, family_name
 from .layers import (
     DEFAULT_INIT_SCALE,
     BayesianLayer,
@@ -71,6 +71,8 @@ class BayesianParameter(BayesianLayer):
         if not isinstance(loc, Tensor) or not loc.is_floating_point():
             raise TypeError(f"loc must be a floating-point tensor (the parameter to make Bayesian), got {loc!r}")
         check_posterior(posterior)
+        if posterior is MatrixNormal:
+            raise ValueError("posterior=vinn.MatrixNormal needs a layer computing x Wᵀ + b; use an elementwise posterior such as Normal")
         _check_init_scale(init_scale)
         _check_prior_argument(prior, posterior)
         if estimator not in (None, "sample"):

@@ -107,10 +107,12 @@ class EmpiricalBayesPrior(PriorSpec):
     own change does not count). ``s`` is kept in the ``*_prior_scale`` buffers, saved in
     ``state_dict`` like every prior.
 
-    ``per``: ``"layer"``, one scale for all the weights of a layer; ``"unit"``, one per output
-    unit (row of a Linear's weight, output channel of a convolution). A bias, and any weight of
-    one dimension (a normalization layer's scale), always shares one scale per layer (a scale per
-    element would fit each element alone: no prior at all).
+    ``per``: ``"layer"``, one scale for all the weights of a layer (of each weight matrix, in a
+    recurrent layer); ``"unit"``, one per output unit (row of a Linear's weight or of a
+    MultiheadAttention's projections, output channel of a convolution, gate unit of a recurrent
+    layer's weight matrices). A bias, and any weight of one dimension (a normalization layer's
+    scale), always shares one scale per layer (a scale per element would fit each element alone:
+    no prior at all).
     The posterior family must have a finite variance (Normal, Laplace, Gumbel; not Cauchy).
 
     Measured caution: with a fitted scale, a layer whose weights all sit at the centre costs no KL
@@ -138,7 +140,7 @@ class EmpiricalBayesPrior(PriorSpec):
 
     def _scale_shape(self, layer: BayesianLayer, name: str) -> tuple[int, ...]:
         loc = getattr(layer, name)
-        if self.per == "layer" or name != "weight" or loc.dim() < 2:
+        if self.per == "layer" or loc.dim() < 2:  # a bias, a normalization layer's scale
             return ()
         return tuple(n if d == layer.output_dim else 1 for d, n in enumerate(loc.shape))
 

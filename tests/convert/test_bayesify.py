@@ -105,16 +105,18 @@ class FunctionalKept(nn.Module):
         super().__init__()
         self.twice = nn.Parameter(torch.randn(3, 4))
         self.attention = nn.MultiheadAttention(4, 2)
+        self.bag = nn.EmbeddingBag(3, 4)
         self.kernel = nn.Parameter(torch.randn(2, 2, 1))
         self.offset = nn.Parameter(torch.randn(3))
 
     def forward(self, x: torch.Tensor):  # x: (L, N=2, 4)
         twice = F.linear(x, self.twice) + F.linear(x, self.twice)
         attended = self.attention(x, x, x)[0]
-        projected = F.linear(x, self.attention.in_proj_weight)  # also inside a leaf module
+        projected = F.linear(x, self.attention.in_proj_weight)  # the attention layer's weight, read directly
+        bagged = self.bag(torch.tensor([[0, 2]])), F.linear(x, self.bag.weight)  # a weight inside a leaf module
         conv = F.conv1d(x.transpose(0, 1)[:, :2], self.kernel, stride=x.shape[0] // 2)  # computed stride
         computed_bias = F.linear(x, self.twice.T.T.contiguous(), self.offset * 2)  # weight computed: not a layer
-        return twice, attended, projected, conv, computed_bias
+        return twice, attended, projected, bagged, conv, computed_bias
 
 
 class TiedHead(nn.Module):
@@ -243,9 +245,10 @@ def test_functional_calls_that_must_stay_deterministic_are_reported():
     with pytest.warns(UserWarning, match="bayesify converted no layer of FunctionalKept"):
         bnn = vinn.bayesify(model)
     assert reasons(bnn) == {
+        "attention": "parameter read directly in forward (attention.in_proj_weight)",
         "attention.out_proj": "read directly by leaf module attention",
         "twice": "parameter twice used elsewhere in forward",
-        "attention.in_proj_weight": "read directly by leaf module attention",
+        "bag.weight": "read directly by leaf module bag",
         "kernel": "stride, padding, dilation or groups computed in forward",
     }
     assert not any(isinstance(m, vinn.BayesianLayer) for m in bnn.modules())

@@ -145,12 +145,12 @@ def test_vit_class_token_and_position_embedding_become_bayesian(traced, monkeypa
             torch.testing.assert_close(bnn(x), vit(x), atol=1e-6, rtol=0)
         assert not torch.allclose(bnn(x), bnn(x))
         assert vinn.sample(bnn, x, samples=4).shape == (4, 3, 10)
-    # each parameter's KL is torch's, and every layer's counts once
+    # each parameter's KL is torch's, and the model's KL is the layers' plus theirs
     for holder in (tokens, position):
         torch.testing.assert_close(holder[0].kl, kl_divergence(Normal(holder.original, 0.05), Normal(0.0, 1.0)).sum())
-    layers = [m for m in bnn.modules() if isinstance(m, vinn.BayesianLayer)]
-    assert sum(isinstance(m, BayesianParameter) for m in layers) == 2
-    torch.testing.assert_close(bnn.kl, sum(m.kl for m in layers))
+    assert sum(isinstance(m, BayesianParameter) for m in bnn.modules()) == 2
+    layers_only = _bayesify(vit, None, traced, monkeypatch)
+    torch.testing.assert_close(bnn.kl, layers_only.kl + tokens[0].kl + position[0].kl)
 
     # an ELBO step reaches both parameters of each posterior
     loss = vinn.ELBO(bnn, nn.CrossEntropyLoss(), dataset_size=100)(bnn(x), torch.tensor([1, 2, 3]))

@@ -60,32 +60,29 @@ def test_converts_with_identical_outputs_and_a_complete_report(name):
     for layer in report.converted:
         assert isinstance(bnn.get_submodule(layer.name), vinn.BayesianLayer)
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):  # it reads out_proj.weight itself
-            assert reasons[f"{name}.out_proj"] == f"read directly by leaf module {name}"
+        if isinstance(module, nn.MultiheadAttention):  # Bayesian, and its out_proj with it
+            assert reasons[name] is None and reasons[f"{name}.out_proj"] is None
     bayesian = sum(
-        m.weight.numel() + (0 if m.bias is None else m.bias.numel())
-        for m in bnn.modules()
-        if isinstance(m, vinn.BayesianLayer)
+        p.numel() for m in bnn.modules() if isinstance(m, vinn.BayesianLayer) for p in m.random_parameters().values()
     )
     assert report.bayesian_parameters == bayesian
     assert report.total_parameters == sum(p.numel() for p in model.parameters())
 
 
-def test_vit_attention_keeps_working():
+def test_vit_attention_is_bayesian():
     torch.manual_seed(0)
     model = small_vit().eval()
     bnn = vinn.bayesify(model)
     attention = "encoder.layers.encoder_layer_0.self_attention"
-    assert type(bnn.get_submodule(attention)) is nn.MultiheadAttention
-    assert type(bnn.get_submodule(f"{attention}.out_proj")) is type(model.get_submodule(f"{attention}.out_proj"))
-    # every weight matrix else is Bayesian: patch embedding, MLP blocks, head; the layer norms are opt-in
+    assert type(bnn.get_submodule(attention)) is vinn.MultiheadAttention
+    assert isinstance(bnn.get_submodule(f"{attention}.out_proj"), type(model.get_submodule(f"{attention}.out_proj")))
+    # every weight matrix is Bayesian: patch embedding, attention, MLP blocks, head; the layer norms are opt-in
     kept = {layer.name: layer.reason for layer in bnn.conversion_report.kept}
-    assert {name for name, reason in kept.items() if not reason.startswith("excluded by config (opt-in")} == {
-        f"encoder.layers.encoder_layer_{i}.self_attention.out_proj" for i in range(2)
-    }
-    assert sum(reason.startswith("excluded by config (opt-in") for reason in kept.values()) == 5  # 2 per block, 1 final
+    assert all(reason.startswith("excluded by config (opt-in") for reason in kept.values())
+    assert len(kept) == 5  # 2 per block, 1 final
     x = torch.randn(3, 3, 32, 32)
     (bnn(x).sum() + bnn.kl).backward()
-    for name in ("conv_proj", "encoder.layers.encoder_layer_1.mlp.0", "heads.head"):
+    for name in ("conv_proj", "encoder.layers.encoder_layer_1.mlp.0", "heads.head", f"{attention}.out_proj"):
         layer = bnn.get_submodule(name)
         assert isinstance(layer, vinn.BayesianLayer) and layer.weight.grad is not None
+    assert bnn.get_submodule(attention).in_proj_weight_log_sigma2.grad is not None

@@ -53,6 +53,7 @@ from ..priors import PriorSpec
 from .config import CONVERTED_INIT_SCALE, BayesConfig, LayerSpec, layer_type_name
 from .models import BayesianGraphModule, bayesian_subclass, copy_hooks, has_hooks, user_class
 from .report import ConversionReport, LayerReport
+from .transformer import CALLS_SUBMODULES, keep_sampling, restore
 
 
 class _Functional(NamedTuple):
@@ -130,7 +131,8 @@ def bayesify(
     last: int | None = None,
     verbose: bool = False,
 ) -> Module:
-    """A Bayesian copy of ``model``: every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` becomes its vinn layer.
+    """A Bayesian copy of ``model``: every ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Embedding``
+    and ``nn.MultiheadAttention`` becomes its vinn layer (normalization layers where ``config`` names them).
 
     Each converted layer keeps every constructor attribute of the original (stride, padding,
     dilation, groups, output_padding, padding_mode, bias, dtype, device); its posterior loc is
@@ -148,15 +150,17 @@ def bayesify(
     converted (a subclass, which may compute something else, is kept), as is every
     ``F.linear`` / ``F.conv1d/2d/3d`` call whose weight and bias are parameters of the model used
     by that call alone. The result is then a `BayesianGraphModule`. Kept deterministic, and
-    reported: layers inside a torch.nn module that reads their weights directly
-    (``nn.MultiheadAttention.out_proj``), layers never called in ``forward``, parameters shared
-    with a module that is no layer vinn converts. Layers tied to each other (one weight held by
-    several converted layers: an embedding and a language-model head) share one posterior, the
-    first one's in forward order: the same loc and ``*_log_sigma2`` parameters, counted once by
-    `vinn.kl`; each use draws its own noise. If tracing fails (data-dependent control flow), a
-    ``UserWarning`` says why (the report keeps it, ``trace_error``) and the model's module tree is
-    walked instead: the result is then an instance of ``model``'s own class (with `vinn.Module`
-    mixed in), its methods and attributes intact.
+    reported: layers inside a torch.nn module that reads their weights directly (the ``out_proj``
+    of an ``nn.MultiheadAttention`` kept deterministic), layers never called in ``forward``,
+    parameters shared with a module that is no layer vinn converts. Layers tied to each other (one
+    weight held by several converted layers: an embedding and a language-model head) share one
+    posterior, the first one's in forward order: the same loc and ``*_log_sigma2`` parameters,
+    counted once by `vinn.kl`; each use draws its own noise. torch's transformer blocks, which
+    torch.fx cannot trace, call their layers: those are converted in place, and the blocks kept
+    off their fused fast path (`vinn.convert.transformer`). If tracing fails (data-dependent
+    control flow), a ``UserWarning`` says why (the report keeps it, ``trace_error``) and the
+    model's module tree is walked instead: the result is then an instance of ``model``'s own class
+    (with `vinn.Module` mixed in), its methods and attributes intact.
 
     Any other parameter becomes Bayesian where a `BayesConfig` name rule names it (a pattern not
     ending in ``*``: ``"class_token"``): a `vinn.BayesianParameter` parametrizes it
@@ -211,7 +215,7 @@ def bayesify(
     else:
         trace_error = None
         bnn = BayesianGraphModule(root, graph, class_name=type(model).__name__)
-        usage = _graph_usage(graph)
+        usage = _graph_usage(root, graph)
         candidates = _graph_candidates(root, usage)
 
     _decide(candidates, config, last)
@@ -235,6 +239,8 @@ def bayesify(
     for candidate in converted:
         if candidate.call is not None:
             _replace_functional_call(bnn, candidate, _bayesian_layer(candidate))
+    _converted_with_their_owner(bnn, candidates)
+    keep_sampling(bnn)
     random_parameters = [(c, _bayesian_parameter(c)) for c in converted if c.parameter is not None]
     if isinstance(bnn, BayesianGraphModule):
         for candidate, parametrization in random_parameters:
@@ -287,7 +293,10 @@ def to_deterministic(model: nn.Module) -> nn.Module:
         return _torch_layer(model)
     net = copy.deepcopy(model)
     _remove_bayesian_parameters(net)
-    _replace_modules(net, _torch_layers(net))
+    layers = {name: m for name, m in net.named_modules() if isinstance(m, BayesianLayer)}
+    # a vinn layer inside another (a MultiheadAttention's out_proj) goes back with it
+    _replace_modules(net, _torch_layers([m for name, m in layers.items() if _leaf_ancestor(name, layers) is None]))
+    restore(net)
     if isinstance(net, BayesianGraphModule):
         graph_module = torch.fx.GraphModule(net, net.graph, class_name=type(net).__name__)
         copy_hooks(net, graph_module)
@@ -307,18 +316,17 @@ def _torch_layer(layer: BayesianLayer) -> nn.Module:
     return module
 
 
-def _torch_layers(net: nn.Module) -> dict[int, nn.Module]:
-    """The torch.nn layer of every vinn layer in ``net``, by the vinn layer's id; layers whose loc is
-    one tensor (tied weights sharing a posterior) share one tensor again."""
+def _torch_layers(bayesian: list[BayesianLayer]) -> dict[int, nn.Module]:
+    """The torch.nn layer of each vinn layer of ``bayesian``, by the vinn layer's id; layers whose loc
+    is one tensor (tied weights sharing a posterior) share one tensor again."""
     layers: dict[int, nn.Module] = {}
     holders: dict[int, tuple[nn.Module, str]] = {}  # loc -> the first torch layer holding it, and its attribute
-    for module in net.modules():
-        if isinstance(module, BayesianLayer):
-            layers[id(module)] = layer = _torch_layer(module)
-            for name, loc in module.random_parameters().items():
-                holder, attribute = holders.setdefault(id(loc), (layer, name))
-                if holder is not layer:
-                    setattr(layer, name, getattr(holder, attribute))
+    for module in bayesian:
+        layers[id(module)] = layer = _torch_layer(module)
+        for name, loc in module.random_parameters().items():
+            holder, attribute = holders.setdefault(id(loc), (layer, name))
+            if holder is not layer:
+                setattr(layer, name, getattr(holder, attribute))
     return layers
 
 
@@ -371,17 +379,21 @@ class _Usage(NamedTuple):
     read: dict[str, int]  # get_attr target -> position of its first read
 
 
-def _graph_usage(graph: Graph) -> _Usage:
+def _graph_usage(root: nn.Module, graph: Graph) -> _Usage:
+    """What ``graph`` calls (a torch transformer block's submodules included, called by the block) and reads."""
     usage = _Usage(graph, {}, {})
     for position, node in enumerate(graph.nodes):
         if node.op in ("call_module", "get_attr"):
             (usage.called if node.op == "call_module" else usage.read).setdefault(node.target, position)
+    for name in list(usage.called):
+        _add_called_submodules(root.get_submodule(name), name, usage.called[name], usage.called)
     return usage
 
 
 def _graph_candidates(root: nn.Module, usage: _Usage) -> list[_Candidate]:
     """Every Linear/Conv module of ``root`` and every functional call on its parameters, as traced."""
     graph, called, read = usage
+    leaves = {name for name in called if type(root.get_submodule(name)) not in CALLS_SUBMODULES}
     tied = _tied_parameters(root)
     supported = tuple(layer_types())
     hooked = {name: has_hooks(module) for name, module in root.named_modules()}
@@ -389,7 +401,7 @@ def _graph_candidates(root: nn.Module, usage: _Usage) -> list[_Candidate]:
     candidates = []
     for name, module in root.named_modules():
         if isinstance(module, supported):
-            reason = _module_reason(name, module, called, untieable, hooked) or _usage_reason(name, called, read)
+            reason = _module_reason(name, module, leaves, untieable, hooked) or _usage_reason(name, called, read)
             candidates.append(_module_candidate(name, module, called.get(name, -1), reason))
     parameters = dict(root.named_parameters())
     functional: dict[str, _Candidate] = {}  # by weight name: a weight used by several calls is one entry
@@ -407,7 +419,8 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
     leaves = {
         name
         for name, module in root.named_modules()
-        if name and tracer.is_leaf_module(module, name) and not isinstance(module, _CONTAINERS)
+        if name and tracer.is_leaf_module(module, name)
+        and not (isinstance(module, _CONTAINERS) or type(module) in CALLS_SUBMODULES)
     }
     untieable = _untieable(root, _tied_parameters(root))
     supported = tuple(layer_types())
@@ -418,9 +431,21 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
     ]
 
 
+def _add_called_submodules(module: nn.Module, name: str, position: int, called: dict[str, int]) -> None:
+    """Record as called at ``position`` what ``module``, called there, calls itself: every submodule of a torch
+    transformer block (see `vinn.convert.transformer`), through its containers (``layers``)."""
+    if type(module) not in CALLS_SUBMODULES and not isinstance(module, _CONTAINERS):
+        return
+    for child_name, child in module.named_children():
+        qualified = _qualified(name, child_name)
+        if not isinstance(child, _CONTAINERS):
+            called.setdefault(qualified, position)
+        _add_called_submodules(child, qualified, position, called)
+
+
 def _module_candidate(name: str, module: nn.Module, order: int, reason: str | None) -> _Candidate:
     vinn_type = next(layer for t, layer in layer_types().items() if isinstance(module, t))
-    parameters = _numel(p for n in vinn_type.parameter_names if (p := getattr(module, n, None)) is not None)
+    parameters = _numel(p for n in vinn_type.parameter_names_of(module) if (p := getattr(module, n, None)) is not None)
     return _Candidate(name, type(module).__name__, parameters, order, reason, layer=module)
 
 
@@ -443,7 +468,7 @@ def _module_reason(
     if type(module) not in supported:
         base = next(t for t in type(module).__mro__ if t in supported)
         return f"unsupported type {type(module).__name__} (subclass of {layer_type_name(base)}; exact types only)"
-    names = supported[type(module)].parameter_names
+    names = supported[type(module)].parameter_names_of(module)
     if all(getattr(module, attribute, None) is None for attribute in names):
         return f"no {' or '.join(names)} to make Bayesian"
     for attribute in names:
@@ -601,8 +626,11 @@ def _tie(candidates: list[_Candidate], layers: dict[int, BayesianLayer]) -> None
 
 def _share_posterior(source: BayesianLayer, source_name: str, layer: BayesianLayer, name: str) -> None:
     """Make ``layer``'s random parameter ``name`` the posterior of ``source``'s ``source_name``: the same
-    loc and log σ² parameter objects and the same prior buffers. `vinn.kl` counts it once."""
-    for suffix in ("", "_log_sigma2"):
+    loc and scale parameter objects and the same prior buffers. `vinn.kl` counts it once."""
+    suffixes = ["", "_log_sigma2"]
+    if source._matrix_normal and source_name == "weight" and layer._matrix_normal and name == "weight":
+        suffixes += ["_column_log_sigma2", "_column_tril"]  # a MatrixNormal weight's column covariance
+    for suffix in suffixes:
         layer.register_parameter(name + suffix, source._parameters[source_name + suffix])
     for path in layer._prior_templates[name][1]:
         delattr(layer, layer._prior_buffer(name, path))
@@ -616,20 +644,20 @@ def _parameter_candidates(
 ) -> list[_Candidate]:
     """The parameters a name rule of ``config`` addresses (`BayesConfig.spec_for_parameter`), each with
     its spec or the reason it stays as it is; those of the layers being converted are left out."""
-    converted = set()  # qualified names of the tensors the converted layers make random
+    converted = {layer.name for layer in layers if layer.spec is not None and layer.call is None}  # modules
+    functional = set()  # the parameters of the functional calls converted
     for layer in layers:
-        if layer.spec is not None and layer.call is None:
-            converted.update(_qualified(layer.name, attribute) for attribute in _random_parameters(layer.layer))
-        elif layer.spec is not None:
+        if layer.spec is not None and layer.call is not None:
             arguments = _call_arguments(layer.call)
-            converted.update(arguments[a].target for a in ("weight", "bias") if arguments[a] is not None)
+            functional.update(arguments[a].target for a in ("weight", "bias") if arguments[a] is not None)
     tied = _tied_parameters(root)
     seen: set[int] = set()
     candidates = []
     for position, (name, parameter) in enumerate(root.named_parameters(remove_duplicate=False)):
         rule = config.spec_for_parameter(name)
-        if rule is None or name in converted or (id(parameter) in seen and name not in tied):
-            continue  # not named, random with its layer, or a module registered twice
+        in_layer = name in functional or _leaf_ancestor(name, converted) is not None
+        if rule is None or in_layer or (id(parameter) in seen and name not in tied):
+            continue  # not named, Bayesian with its layer, or a module registered twice
         seen.add(id(parameter))
         spec, chosen = rule
         reason = _parameter_reason(root, name, tied, usage) or (None if spec is not None else f"excluded by config ({chosen})")
@@ -651,6 +679,16 @@ def _parameter_reason(root: nn.Module, name: str, tied: dict[str, list[str]], us
     if usage is not None and name not in usage.read and _leaf_ancestor(name, usage.called) is None:
         return "never used in forward"
     return None
+
+
+def _converted_with_their_owner(bnn: nn.Module, candidates: list[_Candidate]) -> None:
+    """Mark converted the layers that a converted vinn layer made Bayesian with itself (a MultiheadAttention's
+    out_proj), reported as read directly by it until then; they take its spec."""
+    owners = {c.name: c for c in candidates if c.spec is not None and c.call is None}
+    for candidate in candidates:
+        owner = owners.get(_leaf_ancestor(candidate.name, owners))
+        if candidate.spec is None and owner is not None and isinstance(bnn.get_submodule(candidate.name), BayesianLayer):
+            candidate.spec, candidate.reason = owner.spec, None
 
 
 def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
@@ -718,12 +756,16 @@ def _keep_settings(source: nn.Module, target: nn.Module) -> None:
     bias are frozen (a vinn layer's posterior scale follows its loc)."""
     copy_hooks(source, target)
     bayesian = target if isinstance(target, BayesianLayer) else source
-    for name in bayesian.parameter_names:
-        if getattr(source, name) is not None:
-            frozen = not getattr(source, name).requires_grad
-            for parameter in (getattr(target, name), getattr(target, f"{name}_log_sigma2", None)):
-                if parameter is not None:
-                    parameter.requires_grad_(not frozen)
+    for path, layer in bayesian.named_modules():  # the vinn layers inside it too (a MultiheadAttention's out_proj)
+        if not isinstance(layer, BayesianLayer):
+            continue
+        inner_source, inner_target = source.get_submodule(path), target.get_submodule(path)
+        for name in layer.parameter_names:
+            if getattr(inner_source, name) is not None:
+                frozen = not getattr(inner_source, name).requires_grad
+                for parameter in (getattr(inner_target, name), getattr(inner_target, f"{name}_log_sigma2", None)):
+                    if parameter is not None:
+                        parameter.requires_grad_(not frozen)
 
 
 def _copy_modes(model: nn.Module, bnn: nn.Module) -> None:
@@ -792,7 +834,7 @@ def _untieable(root: nn.Module, tied: dict[str, list[str]]) -> dict[str, list[st
         _qualified(name, attribute)
         for name, module in root.named_modules(remove_duplicate=False)
         if type(module) in types
-        for attribute in types[type(module)].parameter_names
+        for attribute in types[type(module)].parameter_names_of(module)
     }
     return {name: others for name, others in tied.items() if not layer_parameters.issuperset([name, *others])}
 
@@ -827,7 +869,7 @@ def _qualified(prefix: str, name: str) -> str:
 def _random_parameters(layer: nn.Module) -> dict[str, Tensor]:
     """The weight and bias (the parameters its vinn layer type makes random) of a Linear/Conv/... module, by attribute."""
     vinn_type = next(bayesian for t, bayesian in layer_types().items() if isinstance(layer, t))
-    tensors = {name: getattr(layer, name, None) for name in vinn_type.parameter_names}
+    tensors = {name: getattr(layer, name, None) for name in vinn_type.parameter_names_of(layer)}
     return {name: tensor for name, tensor in tensors.items() if tensor is not None}
 
 
