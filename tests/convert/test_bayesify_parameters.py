@@ -329,6 +329,33 @@ def test_a_weight_tied_to_something_else_than_a_layer_stays_deterministic():
     }
 
 
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+def test_a_shared_learned_prior_is_fitted_as_its_holder_fits_it():
+    torch.manual_seed(0)
+    # per unit, the embedding's units are its columns and the head's its rows: the holder's count
+    bnn = vinn.bayesify(Tied(), prior=vinn.EmpiricalBayesPrior(per="unit"), init_scale=0.1)
+    embed, head = bnn.embed, bnn.head
+    assert head.weight_prior_scale is embed.weight_prior_scale and embed.weight_prior_scale.shape == (1, 4)
+    torch.testing.assert_close(head._kl("weight"), embed.kl)
+    head.reset_scale(0.2)  # refits the shared prior as the embedding does
+    torch.testing.assert_close(embed.weight_scale, torch.full((10, 4), 0.2))
+    torch.testing.assert_close(bnn.kl, embed.kl + head._kl("bias"))
+    buffer = io.BytesIO()
+    torch.save(bnn, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False).kl, bnn.kl)
+
+
 def _gpt2() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -637,6 +637,35 @@ def _share_posterior(source: BayesianLayer, source_name: str, layer: BayesianLay
     for path in source._prior_templates[source_name][1]:
         layer.register_buffer(layer._prior_buffer(name, path), source._buffers[source._prior_buffer(source_name, path)])
     layer._prior_templates[name] = source._prior_templates[source_name]
+    if isinstance(layer._prior_source, PriorSpec) and layer._prior_source.learned:
+        layer._prior_source = _SharedPrior(layer._prior_source, {name: (source, source_name)})
+
+
+class _SharedPrior(PriorSpec):
+    """The learned prior of a layer sharing a posterior: the shared parameters' prior scale is fitted
+    as the layer holding their posterior fits it (its own grouping into units, its buffers' shape)."""
+
+    learned = True
+    prior: PriorSpec
+    holders: dict[str, tuple[BayesianLayer, str]]
+
+    def __init__(self, prior: PriorSpec, holders: dict[str, tuple[BayesianLayer, str]]) -> None:
+        if isinstance(prior, _SharedPrior):
+            prior, holders = prior.prior, {**prior.holders, **holders}
+        self.prior, self.holders = prior, holders
+
+    def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
+        return self.prior.priors(layer)
+
+    def fitted_scale(self, layer: BayesianLayer, name: str, second_moment: Tensor) -> Tensor:
+        holder, holder_name = self.holders.get(name, (layer, name))
+        return self.prior.fitted_scale(holder, holder_name, second_moment)
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.prior, tuple((name, id(holder), holder_name) for name, (holder, holder_name) in self.holders.items()))
+
+    def __repr__(self) -> str:
+        return repr(self.prior)
 
 
 def _parameter_candidates(
