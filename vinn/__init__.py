@@ -30,6 +30,7 @@ from .layers import (
 from .module import Module, kl
 from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 from .optim import SCALE_LR_RATIO, param_groups
+from .parametrization import BayesianParameter
 from .prediction import predict, sample
 from .priors import EmpiricalBayesPrior, FanInPrior, PretrainedPrior, PriorSpec
 from .recurrent import GRU, LSTM, RNN
@@ -53,6 +54,7 @@ __all__ = [
     "BatchNorm3d",
     "BayesConfig",
     "BayesianLayer",
+    "BayesianParameter",
     "Conv1d",
     "Conv2d",
     "Conv3d",

@@ -252,7 +252,7 @@ class BayesianLayer(nn.Module):
         with torch.no_grad():
             prior_loc = self._buffers[f"{name}_prior_loc"]
             if is_gaussian(self.posterior):
-                second_moment = self._sigma2(name) + (self._parameters[name] - prior_loc).square()
+                second_moment = self._sigma2(name) + (getattr(self, name) - prior_loc).square()
             else:
                 posterior = self._posterior(name)
                 second_moment = posterior.variance + (posterior.mean - prior_loc).square()
@@ -379,13 +379,13 @@ class BayesianLayer(nn.Module):
             # the default case, straight from the parameters and buffers: no distribution objects
             buffers = self._buffers
             return normal_kl(
-                self._parameters[name],
+                getattr(self, name),  # the loc: a parameter of the layer, or a BayesianParameter's original
                 self._parameters[f"{name}_log_sigma2"],
                 buffers[f"{name}_prior_loc"],
                 buffers[f"{name}_prior_scale"],
             )
         # a KL sums over every element: in float32 for 16-bit parameters, as normal_kl does
-        dtype = torch.float32 if self._parameters[name].dtype in LOW_PRECISION else None
+        dtype = torch.float32 if getattr(self, name).dtype in LOW_PRECISION else None
         return kl_sum(self._posterior(name, dtype), self._prior(name, dtype))
 
     def _parameters_kl(self) -> Tensor:

@@ -3,6 +3,7 @@ and `vinn.kl` for any module."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,17 +12,32 @@ from torch import Tensor, nn
 
 from . import validation
 from .layers import BayesianLayer
+from .parametrization import legacy_keys
 
 
 def kl(module: nn.Module) -> Tensor:
     """KL(q || p) of every vinn layer inside ``module`` (itself included), summed: a 0-dim tensor.
 
     A layer reachable by several paths (a shared layer) counts once, and so does a vinn layer inside
-    another (a MultiheadAttention's out_proj), whose own ``.kl`` covers it. 0. (on the module's
-    device) when there is no vinn layer. TypeError for anything but a `torch.nn.Module`.
+    another (a MultiheadAttention's out_proj), whose own ``.kl`` covers it, and a posterior that
+    several layers share (tied weights, see `vinn.bayesify`: their ``*_log_sigma2`` parameter is one
+    object), counted with the first layer holding it. A `vinn.BayesianParameter` counts as a layer.
+    0. (on the module's device) when there is no vinn layer. TypeError for anything but a
+    `torch.nn.Module`.
     """
     validation.module(module, "module")
-    terms = [m._parameters_kl() for m in module.modules() if isinstance(m, BayesianLayer)]
+    terms = []
+    counted: set[int] = set()  # the log σ² parameters whose posterior's KL is in terms
+    for m in module.modules():
+        if not isinstance(m, BayesianLayer):
+            continue
+        names = list(m.random_parameters())
+        scales = [id(m._parameters[f"{name}_log_sigma2"]) for name in names]
+        if counted.isdisjoint(scales):
+            terms.append(m._parameters_kl())  # the common case: the layer's own KL, however the layer computes it
+        else:
+            terms += [m._kl(name) for name, scale in zip(names, scales) if scale not in counted]
+        counted.update(scales)
     if terms:
         return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
     parameter = next(module.parameters(), None)
@@ -47,13 +63,30 @@ class Module(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """`torch.nn.Module.load_state_dict`; with ``strict``, a checkpoint of another architecture
         fails first with a RuntimeError naming the first mismatching key in the model's order. A
-        non-finite log σ² or an invalid prior fails with a ValueError; either way before anything loads."""
+        non-finite log σ² or an invalid prior fails with a ValueError; either way before anything loads.
+        A parameter made Bayesian by a `vinn.BayesianParameter` takes its loc from the parameter's own
+        key (``encoder.pos_embedding``, a deterministic checkpoint's) as well as from
+        ``encoder.parametrizations.pos_embedding.original``."""
+        state_dict = _with_parametrized_keys(self, state_dict)
         if strict:
             _check_architecture(self, state_dict)
         for name, module in self.named_modules():
             if isinstance(module, BayesianLayer):
                 module._check_state(state_dict, f"{name}." if name else "")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _with_parametrized_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state_dict`` with the loc of each of ``model``'s Bayesian parameters moved to its parametrized
+    key where it is given under the parameter's own key only (a deterministic checkpoint)."""
+    renamed = {old: new for old, new in legacy_keys(model).items() if old in state_dict and new not in state_dict}
+    if not renamed:
+        return state_dict
+    result: OrderedDict[str, Any] = OrderedDict((renamed.get(key, key), value) for key, value in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        result._metadata = metadata  # type: ignore[attr-defined]  # torch keeps module versions there
+    return result
 
 
 def _is_bayesian_entry(key: str) -> bool:

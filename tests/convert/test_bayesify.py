@@ -255,18 +255,32 @@ def test_functional_calls_that_must_stay_deterministic_are_reported():
     assert_same_outputs(bnn, model, torch.randn(4, 2, 4))
 
 
-def test_tied_weights_stay_deterministic():
+def test_tied_weights_share_one_posterior():
     torch.manual_seed(0)
     model = TiedHead()
     bnn = vinn.bayesify(model)
-    assert reasons(bnn) == {
-        "embed": "shared parameter (also head.weight)",
-        "body": None,
-        "head": "shared parameter (also embed.weight)",
+    assert reasons(bnn) == {"embed": None, "body": None, "head": None}
+    report = bnn.conversion_report
+    assert {layer.name: (layer.parameters, layer.shared_with) for layer in report.layers} == {
+        "embed": (40, None), "body": (20, None), "head": (0, "embed.weight"),
     }
-    assert bnn.head.weight is bnn.embed.weight
+    assert report.bayesian_parameters == report.total_parameters == 60
+    assert "head   Linear              0  yes, sharing the posterior of embed.weight" in str(report).splitlines()
+    assert bnn.head.weight is bnn.embed.weight and bnn.head.weight_log_sigma2 is bnn.embed.weight_log_sigma2
+    assert torch.equal(bnn.kl, bnn.embed.kl + bnn.body.kl)  # the shared matrix once
     tokens = torch.randint(0, 10, (3, 5))
     assert_same_outputs(bnn, model, tokens)
+    net = vinn.to_deterministic(bnn)
+    assert type(net.head) is nn.Linear and net.head.weight is net.embed.weight
+
+    # a tied group is Bayesian whole or not at all
+    bnn = vinn.bayesify(model, vinn.BayesConfig().set_name("head", None))
+    assert reasons(bnn) == {
+        "embed": "shared parameter (also head.weight), which stays deterministic",
+        "body": None,
+        "head": "excluded by config (name 'head')",
+    }
+    assert type(bnn.embed) is nn.Embedding and bnn.head.weight is bnn.embed.weight
 
     functional = TiedFunctional()
     with pytest.warns(UserWarning, match="converted no layer"):
@@ -280,7 +294,12 @@ def test_untraceable_model_is_converted_by_walking_its_module_tree():
         bnn = vinn.bayesify(model)
     assert "torch.fx could not trace Untraceable" in str(caught[0].message)
     report = bnn.conversion_report
-    assert not report.traced and "control flow" in report.trace_error
+    why = "TraceError: symbolically traced variables cannot be used as inputs to control flow"
+    assert not report.traced and report.trace_error == why
+    assert str(report).splitlines()[:2] == [
+        "bayesify: 2 of 2 layers Bayesian (module tree walked)",
+        f"torch.fx could not trace the model: {why}",
+    ]
     assert [layer.name for layer in report.converted] == ["first", "second"]
     assert isinstance(bnn, Untraceable) and isinstance(bnn, vinn.Module)
     assert type(bnn).__name__ == "Untraceable"
@@ -294,6 +313,28 @@ def test_untraceable_model_is_converted_by_walking_its_module_tree():
     assert type(net.second) is nn.Linear and net.alias is net.second
     with torch.no_grad():
         torch.testing.assert_close(net(torch.ones(1, 4)), model(torch.ones(1, 4)))
+
+
+class FailsToTrace(nn.Module):
+    """Refuses symbolic tracing with a message of several lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            raise NotImplementedError("no symbolic tracing here\n  (a long explanation follows)\nand more")
+        return self.fc(x)
+
+
+def test_report_says_why_tracing_failed_in_one_line():
+    with pytest.warns(UserWarning, match=r"could not trace FailsToTrace \(NotImplementedError: no symbolic tracing here\)"):
+        report = vinn.bayesify(FailsToTrace()).conversion_report
+    assert not report.traced and report.trace_error == "NotImplementedError: no symbolic tracing here"
+    assert "torch.fx could not trace the model: NotImplementedError: no symbolic tracing here" in str(report).splitlines()
+    assert "long explanation" not in str(report)
+    assert vinn.bayesify(nn.Sequential(nn.Linear(2, 2))).conversion_report.trace_error is None
 
 
 def test_untraceable_result_copies_and_pickles_as_the_users_class():
@@ -386,6 +427,7 @@ def test_report_is_data_and_prints_readably(capsys):
         "parameters": 20,
         "converted": False,
         "reason": "unsupported type ScaledLinear (subclass of nn.Linear; exact types only)",
+        "shared_with": None,
     }
     assert pickle.loads(pickle.dumps(report)) == report
     assert vinn.bayesify(Oddities()).conversion_report == report  # nothing printed without verbose

@@ -89,6 +89,19 @@ def test_selection_by_name_pattern_and_precedence():
     assert "set_name('features.*', None)" in repr(config)
 
 
+def test_which_name_patterns_address_parameters():
+    spec = LayerSpec()
+    config = BayesConfig().set_name("features.*", spec).set_name("*", spec).set_name("*_token", spec).set_name("pos", None)
+    assert config.spec_for_parameter("features.0.weight") is None  # ending in *: layers only
+    assert config.spec_for_parameter("class_token") == (spec, "name '*_token'")
+    assert config.spec_for_parameter("pos") == (None, "name 'pos'")
+    assert config.spec_for_parameter("other") is None  # neither global nor type rules reach parameters
+    assert config.spec_for("features.0", nn.Conv2d) == (spec, "name '*'")  # every pattern still addresses layers
+    layers = [("features.0", nn.Conv2d)]
+    assert config.unused_rules(layers, ["class_token"]) == ["set_name('pos', ...)"]
+    assert config.unused_rules(layers, ["class_token", "pos"]) == []
+
+
 def test_last_k_follows_execution_order():
     bnn = vinn.bayesify(Net(), last=2)
     assert converted(bnn) == ["head", "w"]  # head is registered first but runs last

@@ -23,13 +23,11 @@ def test_gpt2_conv1d_layers_become_bayesian_and_keep_their_layout():
         bnn = vinn.bayesify(model)
     report = bnn.conversion_report
     kinds = {layer.kind for layer in report.converted}
-    assert kinds == {"Conv1D", "Embedding"}
-    kept = {layer.name: layer.reason for layer in report.kept if not layer.reason.startswith("excluded by config (opt-in")}
-    assert kept == {
-        "transformer.wte": "shared parameter (also lm_head.weight)",
-        "lm_head": "shared parameter (also transformer.wte.weight)",
-    }
-    assert {layer.kind for layer in report.kept if layer.name not in kept} == {"LayerNorm"}
+    assert kinds == {"Conv1D", "Embedding", "Linear"}  # the language-model head shares the embedding's posterior
+    assert {layer.kind for layer in report.kept} == {"LayerNorm"}
+    # why torch.fx failed, in one line of the report
+    assert not report.traced and "\n" not in report.trace_error and ": " in report.trace_error
+    assert f"torch.fx could not trace the model: {report.trace_error}" in str(report).splitlines()
     attention = bnn.get_submodule("transformer.h.0.attn.c_attn")
     assert isinstance(attention, Conv1D) and isinstance(attention, transformers.pytorch_utils.Conv1D)
     assert attention.weight.shape == (32, 96)  # (nx, nf), as transformers stores it

@@ -14,6 +14,12 @@ Names and ``state_dict`` keys of the result:
 - A functional call ``F.linear(x, self.block.w, self.block.b)`` (or ``F.conv*d``) becomes a vinn
   layer named after its weight: the parameters ``block.w`` and ``block.b`` are replaced by the
   module ``block.w``, whose keys are ``block.w.weight``, ``block.w.bias`` and the layer's own.
+- A parameter that a `BayesConfig` rule names becomes Bayesian through a `vinn.BayesianParameter`
+  parametrization: its loc is ``<owner>.parametrizations.<name>.original`` (``parametrize``'s
+  key), its scale and prior are under ``<owner>.parametrizations.<name>.0``, and a `vinn.Module`
+  loads the loc from ``<owner>.<name>`` too. Through torch.fx the graph calls that
+  parametrization where it read the parameter; read by a module's own code (or untraced), the
+  owner gets torch's parametrized property.
 - Through torch.fx, the result holds only what ``forward`` uses: a module or tensor that
   ``forward`` never reads is not part of it (``GraphModule`` semantics).
 """
@@ -21,10 +27,11 @@ Names and ``state_dict`` keys of the result:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import field
 from typing import NamedTuple
 
 import torch
@@ -34,11 +41,14 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 from torch.fx import Graph, Node
 from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import ParametrizationList
 
 from .. import validation
 from ..distributions import PosteriorFamily
 from ..layers import BayesianLayer, InitScale, layer_types
 from ..module import Module
+from ..parametrization import BayesianParameter, bayesian_parametrizations
 from ..priors import PriorSpec
 from .config import CONVERTED_INIT_SCALE, BayesConfig, LayerSpec, layer_type_name
 from .models import BayesianGraphModule, bayesian_subclass, copy_hooks, has_hooks, user_class
@@ -92,18 +102,22 @@ class _HookKeepingTracer(_Tracer):
         return (bool(qualified_name) and has_hooks(module)) or super().is_leaf_module(module, qualified_name)
 
 
-@dataclass
+@dataclasses.dataclass(eq=False)
 class _Candidate:
-    """A Linear/Conv layer of the model: a module, or a functional call on the model's parameters."""
+    """A Linear/Conv layer of the model (a module, or a functional call on the model's parameters),
+    or a parameter that a config rule names."""
 
-    name: str  # qualified name (of the module, or of the functional call's weight)
-    kind: str  # for the report: "Conv2d", "F.linear"
+    name: str  # qualified name (of the module, of the functional call's weight, of the parameter)
+    kind: str  # for the report: "Conv2d", "F.linear", "Parameter"
     parameters: int  # weight and bias elements
     order: int  # position in execution order, for last=k
     reason: str | None  # why it stays deterministic; None while it may be converted
     layer: nn.Module | None = None  # the exact torch.nn layer to convert (built for a functional call)
     call: Node | None = None  # the functional call node, for a functional call
     spec: LayerSpec | None = None  # how it becomes Bayesian, once decided
+    parameter: nn.Parameter | None = None  # for a parameter: the parameter itself
+    # tied weights: attribute -> (the earlier layer whose posterior it shares, that layer's attribute)
+    shares: dict[str, tuple[_Candidate, str]] = field(default_factory=dict)
 
 
 def bayesify(
@@ -136,14 +150,21 @@ def bayesify(
     converted (a subclass, which may compute something else, is kept), as is every
     ``F.linear`` / ``F.conv1d/2d/3d`` call whose weight and bias are parameters of the model used
     by that call alone. The result is then a `BayesianGraphModule`. Kept deterministic, and
-    reported: parameters shared with another module (tied weights), layers inside a torch.nn
-    module that reads their weights directly (the ``out_proj`` of an ``nn.MultiheadAttention``
-    kept deterministic), layers never called in ``forward``. torch's transformer blocks, which
+    reported: layers inside a torch.nn module that reads their weights directly (the ``out_proj``
+    of an ``nn.MultiheadAttention`` kept deterministic), layers never called in ``forward``,
+    parameters shared with a module that is no layer vinn converts. Layers tied to each other (one
+    weight held by several converted layers: an embedding and a language-model head) share one
+    posterior, the first one's in forward order: the same loc and ``*_log_sigma2`` parameters,
+    counted once by `vinn.kl`; each use draws its own noise. torch's transformer blocks, which
     torch.fx cannot trace, call their layers: those are converted in place, and the blocks kept
     off their fused fast path (`vinn.convert.transformer`). If tracing fails (data-dependent
-    control flow), a ``UserWarning`` says why and the model's module tree is walked instead: the
-    result is then an instance of ``model``'s own class (with `vinn.Module` mixed in), its methods
-    and attributes intact.
+    control flow), a ``UserWarning`` says why (the report keeps it, ``trace_error``) and the
+    model's module tree is walked instead: the result is then an instance of ``model``'s own class
+    (with `vinn.Module` mixed in), its methods and attributes intact.
+
+    Any other parameter becomes Bayesian where a `BayesConfig` name rule names it (a pattern not
+    ending in ``*``: ``"class_token"``): a `vinn.BayesianParameter` parametrizes it
+    (``torch.nn.utils.parametrize``), and every read is a draw of its posterior.
 
     Args:
         model: the trained torch.nn model.
@@ -178,10 +199,11 @@ def bayesify(
     last = validation.optional_integer(last, "last", what="how many layers to convert")
 
     root = copy.deepcopy(model)  # all the work happens on this copy
+    usage: _Usage | None
     try:
         graph = _HookKeepingTracer().trace(root)
     except Exception as error:  # whatever user code raises on proxies means: not traceable
-        trace_error = f"{type(error).__name__}: {error}"
+        trace_error = _first_line(error)
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({trace_error}); converting it by walking "
             "its module tree instead: every supported layer counts as used, F.linear/F.conv calls stay "
@@ -189,17 +211,21 @@ def bayesify(
             UserWarning,
             stacklevel=2,
         )
-        bnn, candidates = root, _module_tree_candidates(root)
+        bnn, candidates, usage = root, _module_tree_candidates(root), None
     else:
         trace_error = None
         bnn = BayesianGraphModule(root, graph, class_name=type(model).__name__)
-        candidates = _graph_candidates(root, graph)
+        usage = _graph_usage(root, graph)
+        candidates = _graph_candidates(root, usage)
 
     _decide(candidates, config, last)
-    for rule in config.unused_rules([(c.name, type(c.layer) if c.layer is not None else None) for c in candidates]):
+    _share_tied(candidates)
+    parameters = _parameter_candidates(root, config, candidates, usage)
+    layers = [(c.name, type(c.layer) if c.layer is not None else None) for c in candidates]
+    for rule in config.unused_rules(layers, (name for name, _ in root.named_parameters(remove_duplicate=False))):
         warnings.warn(f"bayesify: the config rule {rule} matches no layer of {type(model).__name__} that vinn converts",
                       UserWarning, stacklevel=2)
-    converted = [c for c in candidates if c.spec is not None]
+    converted = [c for c in candidates + parameters if c.spec is not None]
     if not converted:
         warnings.warn(
             f"bayesify converted no layer of {type(model).__name__}: the result is deterministic and its KL is 0; "
@@ -207,14 +233,18 @@ def bayesify(
             UserWarning,
             stacklevel=2,
         )
-    modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.call is None}
+    modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.layer is not None and c.call is None}
+    _tie(converted, modules)
     _replace_modules(bnn, modules)
     for candidate in converted:
         if candidate.call is not None:
             _replace_functional_call(bnn, candidate, _bayesian_layer(candidate))
     _converted_with_their_owner(bnn, candidates)
     keep_sampling(bnn)
+    random_parameters = [(c, _bayesian_parameter(c)) for c in converted if c.parameter is not None]
     if isinstance(bnn, BayesianGraphModule):
+        for candidate, parametrization in random_parameters:
+            _parametrize_traced(bnn, candidate, parametrization, usage)
         for node in bnn.graph.nodes:
             # A string annotation (`from __future__ import annotations`) becomes a str global of the
             # generated code, which GraphModule pickling rejects in some torch versions (2.11).
@@ -223,14 +253,21 @@ def bayesify(
         bnn.graph.lint()
         bnn.recompile()
         copy_hooks(root, bnn)
-    elif not isinstance(bnn, Module):
-        bnn.__class__ = bayesian_subclass(type(bnn))
+    else:
+        if not isinstance(bnn, Module):
+            bnn.__class__ = bayesian_subclass(type(bnn))
+        for candidate, parametrization in random_parameters:  # after the class swap, which they extend
+            owner, _, attribute = candidate.name.rpartition(".")
+            parametrization.parametrize(bnn.get_submodule(owner), attribute)
 
     _copy_modes(model, bnn)
     bnn.conversion_report = ConversionReport(
         layers=tuple(
-            LayerReport(c.name, c.kind, c.parameters, converted=c.spec is not None, reason=c.reason)
-            for c in candidates
+            LayerReport(
+                c.name, c.kind, c.parameters, converted=c.spec is not None, reason=c.reason,
+                shared_with=", ".join(_qualified(source.name, name) for source, name in c.shares.values()) or None,
+            )
+            for c in candidates + parameters
         ),
         traced=trace_error is None,
         total_parameters=_numel(model.parameters()),
@@ -247,15 +284,18 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     Its output equals ``model``'s inside `vinn.deterministic()`. For a `bayesify` result: a
     ``torch.fx.GraphModule`` (traced models) or an instance of the user's own class (module-tree
     fallback), neither a `vinn.Module`. Works on any module containing vinn layers, such as a
-    `vinn.Module` written by hand (its class is kept). ``model`` is not modified.
+    `vinn.Module` written by hand (its class is kept). Layers that share a posterior (tied weights)
+    share their weight again, and a `vinn.BayesianParameter`'s parametrization is removed, leaving
+    the plain parameter at its own name, holding the loc. ``model`` is not modified.
     """
     validation.module(model)
-    if isinstance(model, BayesianLayer):
+    if isinstance(model, BayesianLayer) and not isinstance(model, BayesianParameter):
         return _torch_layer(model)
     net = copy.deepcopy(model)
+    _remove_bayesian_parameters(net)
     layers = {name: m for name, m in net.named_modules() if isinstance(m, BayesianLayer)}
     # a vinn layer inside another (a MultiheadAttention's out_proj) goes back with it
-    _replace_modules(net, {id(m): _torch_layer(m) for name, m in layers.items() if _leaf_ancestor(name, layers) is None})
+    _replace_modules(net, _torch_layers([m for name, m in layers.items() if _leaf_ancestor(name, layers) is None]))
     restore(net)
     if isinstance(net, BayesianGraphModule):
         graph_module = torch.fx.GraphModule(net, net.graph, class_name=type(net).__name__)
@@ -276,6 +316,45 @@ def _torch_layer(layer: BayesianLayer) -> nn.Module:
     return module
 
 
+def _torch_layers(bayesian: list[BayesianLayer]) -> dict[int, nn.Module]:
+    """The torch.nn layer of each vinn layer of ``bayesian``, by the vinn layer's id; layers whose loc
+    is one tensor (tied weights sharing a posterior) share one tensor again."""
+    layers: dict[int, nn.Module] = {}
+    holders: dict[int, tuple[nn.Module, str]] = {}  # loc -> the first torch layer holding it, and its attribute
+    for module in bayesian:
+        layers[id(module)] = layer = _torch_layer(module)
+        for name, loc in module.random_parameters().items():
+            holder, attribute = holders.setdefault(id(loc), (layer, name))
+            if holder is not layer:
+                setattr(layer, name, getattr(holder, attribute))
+    return layers
+
+
+def _remove_bayesian_parameters(net: nn.Module) -> None:
+    """Put back each parameter that a `BayesianParameter` parametrizes in ``net`` as a plain parameter
+    at its own name, holding the posterior loc (``parametrize``'s ``original``)."""
+    for owner_name, name, parametrizations in list(bayesian_parametrizations(net)):
+        owner = net.get_submodule(owner_name)
+        if parametrize.is_parametrized(owner, name):  # torch's own: a property on the owner's class
+            # which copies of the model share (deepcopy keeps the class): removing the property from it
+            # would break the model copied from, so this copy gets a class of its own first
+            cls = type(owner)
+            owner.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+            parametrize.remove_parametrizations(owner, name, leave_parametrized=False)
+        else:  # called by a traced graph from a plain holder module
+            container = owner.parametrizations
+            delattr(container, name)
+            if not container._modules:
+                delattr(owner, "parametrizations")
+            owner.register_parameter(name, parametrizations.original)
+        if isinstance(net, torch.fx.GraphModule):  # the graph reads the parameter again
+            target = _qualified(_qualified(owner_name, "parametrizations"), name)
+            for node in [n for n in net.graph.nodes if n.op == "call_module" and n.target == target]:
+                with net.graph.inserting_before(node):
+                    node.replace_all_uses_with(net.graph.get_attr(_qualified(owner_name, name)))
+                net.graph.erase_node(node)
+
+
 def _resolve_config(config: BayesConfig | None, keywords: LayerSpec) -> BayesConfig:
     """``config``, or without one, the config giving every layer the spec of bayesify's keywords."""
     if config is None:
@@ -292,25 +371,37 @@ def _resolve_config(config: BayesConfig | None, keywords: LayerSpec) -> BayesCon
 # -- finding the layers ------------------------------------------------------------------------
 
 
-def _graph_candidates(root: nn.Module, graph: Graph) -> list[_Candidate]:
-    """Every Linear/Conv module of ``root`` and every functional call on its parameters, as traced."""
-    called: dict[str, int] = {}  # call_module target -> position of its first call
-    read: set[str] = set()  # get_attr targets
+class _Usage(NamedTuple):
+    """What a traced ``forward`` calls and reads."""
+
+    graph: Graph
+    called: dict[str, int]  # call_module target -> position of its first call
+    read: dict[str, int]  # get_attr target -> position of its first read
+
+
+def _graph_usage(root: nn.Module, graph: Graph) -> _Usage:
+    """What ``graph`` calls (a torch transformer block's submodules included, called by the block) and reads."""
+    usage = _Usage(graph, {}, {})
     for position, node in enumerate(graph.nodes):
-        if node.op == "call_module":
-            called.setdefault(node.target, position)
-        elif node.op == "get_attr":
-            read.add(node.target)
-    for name in list(called):
-        _add_called_submodules(root.get_submodule(name), name, called[name], called)
+        if node.op in ("call_module", "get_attr"):
+            (usage.called if node.op == "call_module" else usage.read).setdefault(node.target, position)
+    for name in list(usage.called):
+        _add_called_submodules(root.get_submodule(name), name, usage.called[name], usage.called)
+    return usage
+
+
+def _graph_candidates(root: nn.Module, usage: _Usage) -> list[_Candidate]:
+    """Every Linear/Conv module of ``root`` and every functional call on its parameters, as traced."""
+    graph, called, read = usage
     leaves = {name for name in called if type(root.get_submodule(name)) not in CALLS_SUBMODULES}
     tied = _tied_parameters(root)
     supported = tuple(layer_types())
     hooked = {name: has_hooks(module) for name, module in root.named_modules()}
+    untieable = _untieable(root, tied)
     candidates = []
     for name, module in root.named_modules():
         if isinstance(module, supported):
-            reason = _module_reason(name, module, leaves, tied, hooked) or _usage_reason(name, called, read)
+            reason = _module_reason(name, module, leaves, untieable, hooked) or _usage_reason(name, called, read)
             candidates.append(_module_candidate(name, module, called.get(name, -1), reason))
     parameters = dict(root.named_parameters())
     functional: dict[str, _Candidate] = {}  # by weight name: a weight used by several calls is one entry
@@ -331,10 +422,10 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
         if name and tracer.is_leaf_module(module, name)
         and not (isinstance(module, _CONTAINERS) or type(module) in CALLS_SUBMODULES)
     }
-    tied = _tied_parameters(root)
+    untieable = _untieable(root, _tied_parameters(root))
     supported = tuple(layer_types())
     return [
-        _module_candidate(name, module, position, _module_reason(name, module, leaves, tied))
+        _module_candidate(name, module, position, _module_reason(name, module, leaves, untieable))
         for position, (name, module) in enumerate(root.named_modules())
         if isinstance(module, supported)
     ]
@@ -359,11 +450,12 @@ def _module_candidate(name: str, module: nn.Module, order: int, reason: str | No
 
 
 def _module_reason(
-    name: str, module: nn.Module, leaves: Iterable[str], tied: dict[str, str], hooked: Mapping[str, bool] | None = None
+    name: str, module: nn.Module, leaves: Iterable[str], tied: dict[str, list[str]], hooked: Mapping[str, bool] | None = None
 ) -> str | None:
     """Why the module ``name`` cannot be converted, whatever the options; None if it can.
 
-    ``hooked`` says which modules have hooks (traced as whole leaves)."""
+    ``tied``: the parameters shared with something other than a layer vinn converts (see
+    `_untieable`); ``hooked`` says which modules have hooks (traced as whole leaves)."""
     hooked = hooked or {}
     if isinstance(module, BayesianLayer):
         return "already a vinn layer"
@@ -382,7 +474,7 @@ def _module_reason(
     for attribute in names:
         also = tied.get(_qualified(name, attribute))
         if also is not None:
-            return f"shared parameter (also {also})"
+            return f"shared parameter (also {also[0]})"
     return None
 
 
@@ -400,7 +492,7 @@ def _functional_candidate(
     position: int,
     parameters: dict[str, nn.Parameter],
     called: dict[str, int],
-    tied: dict[str, str],
+    tied: dict[str, list[str]],
 ) -> _Candidate | None:
     """The functional call ``call`` as a layer, if its weight is a parameter of ``root``; None otherwise.
 
@@ -433,7 +525,7 @@ def _functional_reason(
     bias: Tensor | None,
     options: dict[str, object],
     called: dict[str, int],
-    tied: dict[str, str],
+    tied: dict[str, list[str]],
 ) -> str | None:
     """Why a functional call on the model's weight cannot become a vinn layer; None if it can."""
     if len(reads) > 1 and bias is None:
@@ -442,7 +534,7 @@ def _functional_reason(
         if len(read.users) > 1:
             return f"parameter {read.target} used elsewhere in forward"
         if read.target in tied:
-            return f"shared parameter (also {tied[read.target]})"
+            return f"shared parameter (also {tied[read.target][0]})"
         leaf = _leaf_ancestor(read.target, called)
         if leaf is not None:
             return f"read directly by leaf module {leaf}"
@@ -487,6 +579,137 @@ def _decide(candidates: list[_Candidate], config: BayesConfig, last: int | None)
             candidate.spec, candidate.reason = None, f"excluded by last={last}"
 
 
+def _share_tied(candidates: list[_Candidate]) -> None:
+    """Let tied layers share one posterior: that of the first layer (in forward order) holding each tensor.
+
+    A group of layers tied together becomes Bayesian whole or not at all: if anything keeps one of
+    them deterministic (the config, last=k, a direct read), the others stay deterministic too, since
+    one tensor cannot be random for one reader and fixed for another. A layer that shares no longer
+    counts the shared elements among its ``parameters`` (they are its source's).
+    """
+    layers = sorted((c for c in candidates if c.layer is not None and c.call is None), key=lambda c: c.order)
+    holders: dict[int, tuple[_Candidate, str]] = {}  # tensor -> the first layer holding it, and its attribute
+    groups: dict[int, set[_Candidate]] = {id(c): {c} for c in layers}  # layer -> the layers tied to it
+    for candidate in layers:
+        for attribute, tensor in _random_parameters(candidate.layer).items():
+            source = holders.setdefault(id(tensor), (candidate, attribute))
+            if source[0] is not candidate:
+                candidate.shares[attribute] = source
+                merged = groups[id(candidate)] | groups[id(source[0])]
+                for member in merged:
+                    groups[id(member)] = merged
+    for group in {id(g): g for g in groups.values() if len(g) > 1}.values():
+        kept = next((member for member in sorted(group, key=lambda c: c.order) if member.spec is None), None)
+        for member in group:
+            if kept is None:
+                shared = [_random_parameters(member.layer)[attribute] for attribute in member.shares]
+                member.parameters -= _numel(shared)
+                continue
+            if member.spec is not None:
+                member.spec, member.reason = None, f"shared parameter (also {_tied_name(kept, member)}), which stays deterministic"
+            member.shares.clear()
+
+
+def _tied_name(holder: _Candidate, other: _Candidate) -> str:
+    """The qualified name in ``holder`` of a tensor that ``other`` holds too (``holder``'s name if none)."""
+    tensors = {id(t) for t in _random_parameters(other.layer).values()}
+    names = [_qualified(holder.name, a) for a, t in _random_parameters(holder.layer).items() if id(t) in tensors]
+    return names[0] if names else holder.name
+
+
+def _tie(candidates: list[_Candidate], layers: dict[int, BayesianLayer]) -> None:
+    """Give every converted layer that shares a tensor (``candidate.shares``) its source layer's posterior."""
+    for candidate in candidates:
+        for attribute, (source, source_attribute) in candidate.shares.items():
+            _share_posterior(layers[id(source.layer)], source_attribute, layers[id(candidate.layer)], attribute)
+
+
+def _share_posterior(source: BayesianLayer, source_name: str, layer: BayesianLayer, name: str) -> None:
+    """Make ``layer``'s random parameter ``name`` the posterior of ``source``'s ``source_name``: the same
+    loc and scale parameter objects and the same prior buffers. `vinn.kl` counts it once."""
+    suffixes = ["", "_log_sigma2"]
+    if source._matrix_normal and source_name == "weight" and layer._matrix_normal and name == "weight":
+        suffixes += ["_column_log_sigma2", "_column_tril"]  # a MatrixNormal weight's column covariance
+    for suffix in suffixes:
+        layer.register_parameter(name + suffix, source._parameters[source_name + suffix])
+    for path in layer._prior_templates[name][1]:
+        delattr(layer, layer._prior_buffer(name, path))
+    for path in source._prior_templates[source_name][1]:
+        layer.register_buffer(layer._prior_buffer(name, path), source._buffers[source._prior_buffer(source_name, path)])
+    layer._prior_templates[name] = source._prior_templates[source_name]
+    if isinstance(layer._prior_source, PriorSpec) and layer._prior_source.learned:
+        layer._prior_source = _SharedPrior(layer._prior_source, {name: (source, source_name)})
+
+
+class _SharedPrior(PriorSpec):
+    """The learned prior of a layer sharing a posterior: the shared parameters' prior scale is fitted
+    as the layer holding their posterior fits it (its own grouping into units, its buffers' shape)."""
+
+    learned = True
+    prior: PriorSpec
+    holders: dict[str, tuple[BayesianLayer, str]]
+
+    def __init__(self, prior: PriorSpec, holders: dict[str, tuple[BayesianLayer, str]]) -> None:
+        if isinstance(prior, _SharedPrior):
+            prior, holders = prior.prior, {**prior.holders, **holders}
+        self.prior, self.holders = prior, holders
+
+    def priors(self, layer: BayesianLayer) -> dict[str, Distribution]:
+        return self.prior.priors(layer)
+
+    def fitted_scale(self, layer: BayesianLayer, name: str, second_moment: Tensor) -> Tensor:
+        holder, holder_name = self.holders.get(name, (layer, name))
+        return self.prior.fitted_scale(holder, holder_name, second_moment)
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.prior, tuple((name, id(holder), holder_name) for name, (holder, holder_name) in self.holders.items()))
+
+    def __repr__(self) -> str:
+        return repr(self.prior)
+
+
+def _parameter_candidates(
+    root: nn.Module, config: BayesConfig, layers: list[_Candidate], usage: _Usage | None
+) -> list[_Candidate]:
+    """The parameters a name rule of ``config`` addresses (`BayesConfig.spec_for_parameter`), each with
+    its spec or the reason it stays as it is; those of the layers being converted are left out."""
+    converted = {layer.name for layer in layers if layer.spec is not None and layer.call is None}  # modules
+    functional = set()  # the parameters of the functional calls converted
+    for layer in layers:
+        if layer.spec is not None and layer.call is not None:
+            arguments = _call_arguments(layer.call)
+            functional.update(arguments[a].target for a in ("weight", "bias") if arguments[a] is not None)
+    tied = _tied_parameters(root)
+    seen: set[int] = set()
+    candidates = []
+    for position, (name, parameter) in enumerate(root.named_parameters(remove_duplicate=False)):
+        rule = config.spec_for_parameter(name)
+        in_layer = name in functional or _leaf_ancestor(name, converted) is not None
+        if rule is None or in_layer or (id(parameter) in seen and name not in tied):
+            continue  # not named, Bayesian with its layer, or a module registered twice
+        seen.add(id(parameter))
+        spec, chosen = rule
+        reason = _parameter_reason(root, name, tied, usage) or (None if spec is not None else f"excluded by config ({chosen})")
+        candidates.append(
+            _Candidate(name, "Parameter", _numel([parameter]), position, reason, spec=None if reason else spec, parameter=parameter)
+        )
+    return candidates
+
+
+def _parameter_reason(root: nn.Module, name: str, tied: dict[str, list[str]], usage: _Usage | None) -> str | None:
+    """Why the parameter ``name`` cannot become a `BayesianParameter`; None if it can."""
+    owner = root.get_submodule(_parent(name))
+    if isinstance(owner, BayesianLayer):
+        return f"already Bayesian: a parameter of the vinn layer {_parent(name) or '(root)'}"
+    if isinstance(owner, ParametrizationList):
+        return "already parametrized (torch.nn.utils.parametrize)"
+    if name in tied:
+        return f"shared parameter (also {tied[name][0]})"
+    if usage is not None and name not in usage.read and _leaf_ancestor(name, usage.called) is None:
+        return "never used in forward"
+    return None
+
+
 def _converted_with_their_owner(bnn: nn.Module, candidates: list[_Candidate]) -> None:
     """Mark converted the layers that a converted vinn layer made Bayesian with itself (a MultiheadAttention's
     out_proj), reported as read directly by it until then; they take its spec."""
@@ -500,6 +723,9 @@ def _converted_with_their_owner(bnn: nn.Module, candidates: list[_Candidate]) ->
 def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
     layer, spec = candidate.layer, candidate.spec
     try:
+        if candidate.shares:  # the posterior is the first tied layer's: its family, prior and scale
+            source = next(iter(candidate.shares.values()))[0].spec
+            spec = dataclasses.replace(source, estimator=spec.estimator)
         bayesian = layer_types()[type(layer)].from_torch(
             layer,
             posterior=spec.posterior,
@@ -511,6 +737,47 @@ def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
         raise type(error)(f"cannot convert {candidate.name or 'the model'}: {error}") from error
     _keep_settings(layer, bayesian)
     return bayesian
+
+
+def _bayesian_parameter(candidate: _Candidate) -> BayesianParameter:
+    spec = candidate.spec
+    try:
+        return BayesianParameter(
+            candidate.parameter, posterior=spec.posterior, prior=spec.prior, init_scale=spec.init_scale, estimator=spec.estimator
+        )
+    except (TypeError, ValueError) as error:  # a prior, init_scale or estimator that does not fit this parameter
+        raise type(error)(f"cannot convert {candidate.name}: {error}") from error
+
+
+def _parametrize_traced(
+    graph_module: BayesianGraphModule, candidate: _Candidate, parametrization: BayesianParameter, usage: _Usage
+) -> None:
+    """Make the parameter ``candidate.name`` of a traced model Bayesian.
+
+    Read by a module that the graph calls whole, it is parametrized as torch does it (a property
+    of that module's class). Read by the graph alone (a get_attr node), the graph calls the
+    parametrization instead: the same ``ParametrizationList`` at ``<owner>.parametrizations.<name>``,
+    without a property on the owner, which is the GraphModule or one of the plain modules torch.fx
+    creates to hold its attributes (both rebuilt from their attributes when copied).
+    """
+    owner_name, _, attribute = candidate.name.rpartition(".")
+    owner = graph_module.get_submodule(owner_name)
+    if _leaf_ancestor(candidate.name, usage.called) is not None:
+        parametrization.parametrize(owner, attribute)
+    else:
+        scratch = nn.Module()
+        scratch.register_parameter(attribute, owner._parameters[attribute])
+        parametrization.parametrize(scratch, attribute)
+        delattr(owner, attribute)
+        if "parametrizations" not in owner._modules:
+            owner.add_module("parametrizations", nn.Module())
+        owner.parametrizations.add_module(attribute, scratch.parametrizations[attribute])
+    target = _qualified(_qualified(owner_name, "parametrizations"), attribute)
+    graph = graph_module.graph
+    for node in [n for n in graph.nodes if n.op == "get_attr" and n.target == candidate.name]:
+        with graph.inserting_before(node):
+            node.replace_all_uses_with(graph.call_module(target))
+        graph.erase_node(node)
 
 
 def _keep_settings(source: nn.Module, target: nn.Module) -> None:
@@ -570,8 +837,8 @@ def _replace_functional_call(graph_module: torch.fx.GraphModule, candidate: _Can
 # -- small helpers -----------------------------------------------------------------------------
 
 
-def _tied_parameters(root: nn.Module) -> dict[str, str]:
-    """Qualified parameter name -> another name of the same tensor in a different module (tied weights).
+def _tied_parameters(root: nn.Module) -> dict[str, list[str]]:
+    """Qualified parameter name -> the other names of the same tensor in different modules (tied weights).
 
     A module registered under several names shares its parameters with itself only: not tied.
     """
@@ -584,8 +851,21 @@ def _tied_parameters(root: nn.Module) -> dict[str, str]:
         for name in names:
             others = [other for other in names if owners[other] is not owners[name]]
             if others:
-                tied[name] = others[0]
+                tied[name] = others
     return tied
+
+
+def _untieable(root: nn.Module, tied: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The entries of ``tied`` that cannot share one posterior: a name of the tensor is no weight or
+    bias of a layer of a type vinn converts (a module reads it some other way)."""
+    types = layer_types()
+    layer_parameters = {
+        _qualified(name, attribute)
+        for name, module in root.named_modules(remove_duplicate=False)
+        if type(module) in types
+        for attribute in types[type(module)].parameter_names_of(module)
+    }
+    return {name: others for name, others in tied.items() if not layer_parameters.issuperset([name, *others])}
 
 
 def _leaf_ancestor(name: str, leaves: Iterable[str]) -> str | None:
@@ -613,6 +893,20 @@ def _parent(name: str) -> str:
 
 def _qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _random_parameters(layer: nn.Module) -> dict[str, Tensor]:
+    """The weight and bias (the parameters its vinn layer type makes random) of a Linear/Conv/... module, by attribute."""
+    vinn_type = next(bayesian for t, bayesian in layer_types().items() if isinstance(layer, t))
+    tensors = {name: getattr(layer, name, None) for name in vinn_type.parameter_names_of(layer)}
+    return {name: tensor for name, tensor in tensors.items() if tensor is not None}
+
+
+def _first_line(error: Exception) -> str:
+    """``"TraceError: symbolically traced variables cannot be used as inputs to control flow"``: the
+    exception's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _numel(tensors: Iterable[Tensor]) -> int:

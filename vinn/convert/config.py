@@ -2,12 +2,14 @@
 
 In the spirit of ``torch.ao.quantization.QConfigMapping``: a `LayerSpec` says how one layer
 becomes Bayesian (posterior family, prior, initial posterior scale); a `BayesConfig` maps layers
-to a spec, or to None to keep them deterministic, globally, by module type and by name pattern.
+to a spec, or to None to keep them deterministic, globally, by module type and by name pattern,
+and by name pattern any other parameter too (opt-in).
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from numbers import Real
 
@@ -68,6 +70,11 @@ def layer_type_name(layer_type: type) -> str:
     return f"nn.{layer_type.__name__}" if layer_type.__module__.startswith("torch.nn") else layer_type.__name__
 
 
+def addresses_parameters(pattern: str) -> bool:
+    """Whether a `BayesConfig.set_name` pattern names parameters as well as layers: one not ending in ``*``."""
+    return not pattern.endswith("*")
+
+
 def _check_spec(spec: object) -> None:
     if spec is not None and not isinstance(spec, LayerSpec):
         raise wrong_type("spec", "a vinn.LayerSpec or None (keep deterministic)", spec)
@@ -90,6 +97,18 @@ class BayesConfig:
     ``F.linear`` / ``F.conv*d`` calls in ``forward`` (see `vinn.bayesify`) is matched by the
     qualified name of its weight and by the torch.nn type that computes the same (``nn.Linear``,
     ``nn.Conv2d``, ...). `vinn.bayesify`'s ``last=k`` then applies on top of the config.
+
+    **Parameters.** A name pattern that does not end in ``*`` also addresses parameters by their
+    qualified name: ``set_name("class_token", spec)``, ``set_name("encoder.pos_embedding", spec)``,
+    ``set_name("*.in_proj_weight", spec)``. A qualified name is a module's or a parameter's, never
+    both, so a pattern tells them apart by what it matches; ending in ``*`` (``"layer4.*"``,
+    ``"*"``) keeps a pattern to layers, so that a rule written for the layers under a module does
+    not also turn every other parameter there random. Parameters are opt-in: neither the global
+    spec nor a type rule reaches them, and among the name patterns that address a parameter, the
+    one set last decides (None keeps it deterministic). A parameter that belongs to a layer that
+    becomes Bayesian is Bayesian with that layer; any other parameter a rule names becomes a
+    `vinn.BayesianParameter` (weight sampling, whatever module reads it), and ``last=k`` does not
+    apply to it.
     """
 
     def __init__(self) -> None:
@@ -116,7 +135,10 @@ class BayesConfig:
         return self
 
     def set_name(self, pattern: str, spec: LayerSpec | None) -> BayesConfig:
-        """The spec of every layer whose qualified name matches the fnmatch ``pattern``; set later, wins."""
+        """The spec of every layer whose qualified name matches the fnmatch ``pattern``; set later, wins.
+
+        A pattern not ending in ``*`` also names parameters (``"class_token"``), which then become
+        Bayesian by weight sampling; see the class docstring."""
         if not isinstance(pattern, str):
             raise wrong_type("pattern", "a str (an fnmatch pattern)", pattern)
         _check_spec(spec)
@@ -141,14 +163,25 @@ class BayesConfig:
             return None, "opt-in type: name it with set_type or set_name"
         return self._global, "global"
 
-    def unused_rules(self, layers: list[tuple[str, type[nn.Module] | None]]) -> list[str]:
+    def spec_for_parameter(self, name: str) -> tuple[LayerSpec | None, str] | None:
+        """The spec of the parameter ``name`` and the rule that chose it (``"name 'class_token'"``);
+        None when no name rule addresses it (only patterns not ending in ``*`` do): it stays as it is."""
+        for pattern in reversed(self._by_name):
+            if addresses_parameters(pattern) and fnmatch.fnmatchcase(name, pattern):
+                return self._by_name[pattern], f"name {pattern!r}"
+        return None
+
+    def unused_rules(self, layers: list[tuple[str, type[nn.Module] | None]], parameters: Iterable[str] = ()) -> list[str]:
         """The type and name rules that match none of ``layers`` ((qualified name, torch.nn type)
-        pairs), as readable strings: most likely a typo in a pattern, or a type the model lacks."""
+        pairs) nor, for a pattern that addresses parameters, any of ``parameters`` (qualified names),
+        as readable strings: most likely a typo in a pattern, or a type the model lacks."""
+        parameters = list(parameters)
         unused = [f"set_type({layer_type_name(t)}, ...)" for t in self._by_type if all(t is not kind for _, kind in layers)]
         unused += [
             f"set_name({pattern!r}, ...)"
             for pattern in self._by_name
             if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in layers)
+            and not (addresses_parameters(pattern) and any(fnmatch.fnmatchcase(name, pattern) for name in parameters))
         ]
         return unused
 

@@ -1,4 +1,5 @@
-"""What `vinn.bayesify` did: `ConversionReport`, one `LayerReport` per Linear/Conv layer, printed as a table."""
+"""What `vinn.bayesify` did: `ConversionReport`, one `LayerReport` per Linear/Conv/... layer and per
+parameter a config rule names, printed as a table."""
 
 from __future__ import annotations
 
@@ -9,15 +10,23 @@ _COLUMNS = ("layer", "type", "parameters", "Bayesian")
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One Linear/Conv/ConvTranspose layer of the input model, and what bayesify did with it.
+    """One layer of the input model (of a type vinn converts), or one parameter that a `BayesConfig`
+    name rule names, and what bayesify did with it.
 
-    - ``name``: qualified name in the input model: a module's name (``"layer1.0.conv1"``), or for
-      an ``F.linear`` / ``F.conv*d`` call in ``forward``, the name of its weight (``"head.w"``).
-      A converted layer has the same name in the result.
-    - ``kind``: the module's class name (``"Conv2d"``), or the function (``"F.linear"``).
-    - ``parameters``: number of weight and bias elements (each gets a loc and a scale if converted).
+    - ``name``: qualified name in the input model: a module's name (``"layer1.0.conv1"``), for
+      an ``F.linear`` / ``F.conv*d`` call in ``forward`` the name of its weight (``"head.w"``), for
+      a parameter its name (``"encoder.pos_embedding"``). A converted layer has the same name in
+      the result; a converted parameter is parametrized there (`vinn.BayesianParameter`).
+    - ``kind``: the module's class name (``"Conv2d"``), the function (``"F.linear"``), or
+      ``"Parameter"``.
+    - ``parameters``: number of weight and bias elements (each gets a loc and a scale if
+      converted); a converted layer that shares a tied weight with a layer listed before it does
+      not count that weight again.
     - ``converted``: whether the layer became Bayesian.
     - ``reason``: why it was kept deterministic; None when converted.
+    - ``shared_with``: for a converted layer whose weight is tied to an earlier converted layer's,
+      the qualified name of that weight there (``"transformer.wte.weight"``): the two share one
+      posterior, that layer's. None otherwise.
     """
 
     name: str
@@ -25,15 +34,19 @@ class LayerReport:
     parameters: int
     converted: bool
     reason: str | None = None
+    shared_with: str | None = None
 
 
 @dataclass(frozen=True)
 class ConversionReport:
-    """The conversion of one model: every Linear/Conv layer, converted or kept with a reason.
+    """The conversion of one model: every layer of a type vinn converts and every parameter a
+    config rule names, converted or kept with a reason.
 
     ``traced`` is False when torch.fx could not trace the model and bayesify walked the module
-    tree instead; ``trace_error`` then says why tracing failed. ``total_parameters`` counts the
-    parameters of the input model. `str(report)` is a readable table.
+    tree instead; ``trace_error`` then says why tracing failed: the exception's type and the
+    first line of its message (``"TraceError: symbolically traced variables cannot be used as
+    inputs to control flow"``), which `str(report)` prints below its first line. ``total_parameters``
+    counts the parameters of the input model. `str(report)` is a readable table.
     """
 
     layers: tuple[LayerReport, ...]
@@ -61,18 +74,25 @@ class ConversionReport:
         return sum(layer.parameters for layer in self.converted)
 
     def __str__(self) -> str:
-        how = "traced by torch.fx" if self.traced else f"module tree walked; torch.fx could not trace: {self.trace_error}"
+        how = "traced by torch.fx" if self.traced else "module tree walked"
         rows = [_COLUMNS] + [
             (
                 layer.name or "(root)",
                 layer.kind,
                 f"{layer.parameters:,}",
-                "yes" if layer.converted else f"no: {layer.reason}",
+                _bayesian_cell(layer),
             )
             for layer in self.layers
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
-        lines = [f"bayesify: {len(self.converted)} of {len(self.layers)} layers Bayesian ({how})"]
+        layers = [layer for layer in self.layers if layer.kind != "Parameter"]
+        counts = f"{sum(layer.converted for layer in layers)} of {len(layers)} layers"
+        if len(layers) < len(self.layers):
+            parameters = [layer for layer in self.layers if layer.kind == "Parameter"]
+            counts += f" and {sum(p.converted for p in parameters)} of {len(parameters)} named parameters"
+        lines = [f"bayesify: {counts} Bayesian ({how})"]
+        if not self.traced:
+            lines.append(f"torch.fx could not trace the model: {self.trace_error}")
         for row in rows:
             # parameters right-aligned (numbers), everything else left-aligned
             cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]), row[3]]
@@ -82,3 +102,9 @@ class ConversionReport:
             "(each now has a learnable posterior loc and scale)"
         )
         return "\n".join(lines)
+
+
+def _bayesian_cell(layer: LayerReport) -> str:
+    if not layer.converted:
+        return f"no: {layer.reason}"
+    return "yes" if layer.shared_with is None else f"yes, sharing the posterior of {layer.shared_with}"
