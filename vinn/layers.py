@@ -44,6 +44,7 @@ from .distributions import (
 )
 from .priors import PriorSpec
 from .sampling import sampling_enabled
+from .sharding import full_tensor, replicated_like
 from .validation import one_of, real
 
 # Default initial posterior scale of a freshly built layer: small against torch's default loc
@@ -191,7 +192,11 @@ class BayesianLayer(nn.Module):
         if name not in self._prior_templates:
             return None
         template, shapes = self._prior_templates[name]
-        leaves = {path: _cast(getattr(self, self._prior_buffer(name, path)), dtype).expand(shape) for path, shape in shapes.items()}
+        loc = self._parameters[name]  # a DTensor under FSDP2: the buffers then join it as replicated DTensors
+        leaves = {
+            path: replicated_like(loc, _cast(getattr(self, self._prior_buffer(name, path)), dtype).expand(shape))
+            for path, shape in shapes.items()
+        }
         return with_leaves(template, leaves)
 
     def _fit_prior(self, name: str) -> None:
@@ -200,14 +205,14 @@ class BayesianLayer(nn.Module):
         if not (isinstance(source, PriorSpec) and source.learned):
             return
         with torch.no_grad():
-            prior_loc = self._buffers[f"{name}_prior_loc"]
+            prior_loc = replicated_like(self._parameters[name], self._buffers[f"{name}_prior_loc"])
             if is_normal(self.posterior):
                 second_moment = self._sigma2(name) + (self._parameters[name] - prior_loc).square()
             else:
                 posterior = self._posterior(name)
                 second_moment = posterior.variance + (posterior.mean - prior_loc).square()
             scale = self._buffers[f"{name}_prior_scale"]  # compact: one number where the group is the layer
-            scale.copy_(source.fitted_scale(self, name, second_moment).reshape(scale.shape))
+            scale.copy_(full_tensor(source.fitted_scale(self, name, second_moment)).reshape(scale.shape))
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         self._check_state(state_dict, prefix)
@@ -308,12 +313,12 @@ class BayesianLayer(nn.Module):
         self._fit_prior(name)
         if is_normal(self.posterior) and type(self._prior_templates[name][0]) is Normal:
             # the default case, straight from the parameters and buffers: no distribution objects
-            buffers = self._buffers
+            loc, buffers = self._parameters[name], self._buffers
             return normal_kl(
-                self._parameters[name],
+                loc,
                 self._parameters[f"{name}_log_sigma2"],
-                buffers[f"{name}_prior_loc"],
-                buffers[f"{name}_prior_scale"],
+                replicated_like(loc, buffers[f"{name}_prior_loc"]),
+                replicated_like(loc, buffers[f"{name}_prior_scale"]),
             )
         # a KL sums over every element: in float32 for 16-bit parameters, as normal_kl does
         dtype = torch.float32 if self._parameters[name].dtype in LOW_PRECISION else None
@@ -321,7 +326,15 @@ class BayesianLayer(nn.Module):
 
     @property
     def kl(self) -> Tensor:
-        """KL(q || p) summed over every weight and bias element: a differentiable 0-dim tensor (nats)."""
+        """KL(q || p) summed over every weight and bias element: a differentiable 0-dim tensor (nats).
+
+        Under FSDP2, with the parameters sharded, it is the KL of the whole layer on every rank
+        (see `vinn.sharding`)."""
+        return full_tensor(self._partial_kl())
+
+    def _partial_kl(self) -> Tensor:
+        """`kl`, but where FSDP2 shards the parameters, this rank's partial sum as a DTensor, for
+        `vinn.kl` to gather with the other layers' in one all-reduce."""
         terms = [self._kl(name) for name in self.random_parameters()]
         return sum(terms[1:], terms[0])
 

@@ -11,16 +11,19 @@ from torch import Tensor, nn
 
 from . import validation
 from .layers import BayesianLayer
+from .sharding import gathered
 
 
 def kl(module: nn.Module) -> Tensor:
     """KL(q || p) of every vinn layer inside ``module`` (itself included), summed: a 0-dim tensor.
 
     A layer reachable by several paths (a shared layer) counts once. 0. (on the module's device)
-    when there is no vinn layer. TypeError for anything but a `torch.nn.Module`.
+    when there is no vinn layer. TypeError for anything but a `torch.nn.Module`. Under FSDP2
+    (``fully_shard``), outside ``forward`` where the parameters are sharded, it is the KL of the
+    whole model on every rank, gathered in one all-reduce (see `vinn.sharding`).
     """
     validation.module(module, "module")
-    terms = [m.kl for m in module.modules() if isinstance(m, BayesianLayer)]
+    terms = gathered(m._partial_kl() for m in module.modules() if isinstance(m, BayesianLayer))
     if terms:
         return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
     parameter = next(module.parameters(), None)
