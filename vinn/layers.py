@@ -517,11 +517,17 @@ def layer_types() -> dict[type[nn.Module], type[BayesianLayer]]:
     """``{torch layer type: vinn layer type}`` for every type `vinn.bayesify` converts (a copy).
 
     Types of other libraries are registered once their library is imported (transformers'
-    ``Conv1D``, see `vinn.huggingface`): vinn never imports them itself.
+    ``Conv1D``, see `vinn.huggingface`; timm's ``Linear`` and ``Conv2dSame``, see
+    `vinn.timm_layers`): vinn never imports them itself.
     """
-    if "transformers" in sys.modules:
-        importlib.import_module("vinn.huggingface")
+    for library, layers in _LIBRARY_LAYERS.items():
+        if library in sys.modules:
+            importlib.import_module(layers)
     return dict(_REGISTRY)
+
+
+# library -> the vinn module that registers its own layer types, imported once the library is
+_LIBRARY_LAYERS = {"transformers": "vinn.huggingface", "timm": "vinn.timm_layers"}
 
 
 def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> Tensor:
