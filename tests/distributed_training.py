@@ -66,9 +66,7 @@ def spawn(function: Callable[..., None], free_port: Callable[[], int], *args: ob
         mp.spawn(function, args=(free_port(), *args), nprocs=WORLD, join=True)
 
 
-def assert_trained_like_one_process(
-    rank_files: list[Path], build: Callable[[], nn.Module], scales_train: bool = True
-) -> Mapping[str, Tensor]:
+def assert_trained_like_one_process(rank_files: list[Path], build: Callable[[], nn.Module]) -> Mapping[str, Tensor]:
     """The state_dicts saved by every rank are equal, and equal to that of ``build()`` trained in one
     process on the concatenated batches; returns the latter."""
     ranks = [torch.load(path) for path in rank_files]
@@ -80,6 +78,6 @@ def assert_trained_like_one_process(
         for state in ranks:
             assert torch.equal(state[key], ranks[0][key]), f"{key} differs between ranks"
             torch.testing.assert_close(state[key], expected, rtol=1e-5, atol=1e-6, msg=f"{key} differs from one process")
-        if scales_train and key.endswith("log_sigma2"):
+        if key.endswith("log_sigma2"):
             assert not torch.equal(expected, initial[key]), "the KL term trained the scales"
     return expected_state
