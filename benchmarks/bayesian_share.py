@@ -1,7 +1,8 @@
 """How much of a model `vinn.bayesify(model)` makes Bayesian by default, per architecture family.
 
-For models built from code or small configs (no download: torchvision with ``weights=None``,
-transformers from ``AutoConfig``-style configs when transformers is installed), converts each with
+For models built from code or small configs (no download: torchvision with ``weights=None``, timm
+with ``pretrained=False`` and transformers from ``AutoConfig``-style configs when they are
+installed), converts each with
 the defaults and counts its parameters: all of them, those of normalization layers (opt-in, so
 left out of the share), and those that became Bayesian. Prints a Markdown table, and with
 ``--readme README.md`` writes it into that file's ``bayesian-share`` block::
@@ -36,6 +37,18 @@ def torchvision_models(quick: bool) -> dict[str, Callable[[], nn.Module]]:
         "resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "densenet121", "vit_b_16", "swin_t",
     ]  # fmt: skip
     return {f"torchvision {name}": (lambda name=name: torchvision.models.get_model(name, weights=None)) for name in names}
+
+
+def timm_models(quick: bool) -> dict[str, Callable[[], nn.Module]]:
+    try:
+        import timm
+    except ImportError:
+        return {}
+    names = ["convnext_atto", "vit_tiny_patch16_224"] if quick else [
+        "resnet50", "convnext_tiny", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016", "vit_small_patch16_224",
+        "deit_small_distilled_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s", "convit_tiny", "maxvit_tiny_tf_224",
+    ]  # fmt: skip
+    return {f"timm {name}": (lambda name=name: timm.create_model(name, pretrained=False)) for name in names}
 
 
 def transformers_models(quick: bool) -> dict[str, Callable[[], nn.Module]]:
@@ -89,7 +102,8 @@ def table(rows: dict[str, dict[str, int]]) -> str:
 
 def main(quick: bool, readme: str | None) -> str:
     torch.manual_seed(0)
-    rows = {name: count(build()) for name, build in (torchvision_models(quick) | transformers_models(quick)).items()}
+    models = torchvision_models(quick) | timm_models(quick) | transformers_models(quick)
+    rows = {name: count(build()) for name, build in models.items()}
     result = table(rows) + f"\n\n`benchmarks/bayesian_share.py`, {datetime.date.today()}, torch {torch.__version__}."
     print(result)
     if readme is not None:

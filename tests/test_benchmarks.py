@@ -50,8 +50,8 @@ def test_bayesian_share_table_is_written_into_its_readme_block(tmp_path):
     share.main(quick=True, readme=str(readme))
     text = readme.read_text()
     assert "old" not in text and "| torchvision resnet18 | 11,689,512 | 11,679,912 | 100.0% | yes |" in text
-    rows = [line for line in text.splitlines() if line.startswith("| torchvision") or line.startswith("| transformers")]
-    assert len(rows) == 2 + 3 * ("transformers" in sys.modules)
+    rows = [line for line in text.splitlines() if line.startswith(("| torchvision", "| timm", "| transformers"))]
+    assert len(rows) == 2 + 2 * ("timm" in sys.modules) + 3 * ("transformers" in sys.modules)
 
 
 @pytest.mark.slow

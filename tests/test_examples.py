@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import last_layer_vs_full
+import pytest
 import regression
 import resnet18_finetune
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -35,6 +37,22 @@ def test_regression_epistemic_uncertainty_is_larger_in_the_gap(tmp_path):
     assert result["epistemic_gap"] > 1.5 * result["epistemic_train"]
     assert result["aleatoric_outer"] > result["aleatoric_inner"]  # the noise grows with |x|
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.slow  # importing transformers and peft takes seconds
+def test_bayesian_lora_makes_only_lora_a_bayesian_and_adapts_to_the_new_domain():
+    pytest.importorskip("peft")
+    import bayesian_lora
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small runs fastest on one thread, whatever else the machine runs
+    try:
+        metrics = bayesian_lora.main(fast=True)  # asserts that only lora_A layers converted and no frozen weight moved
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < metrics["bayesian_share"] < 0.05  # 4 adapters of rank 4 on width 32: 512 parameters
+    assert metrics["accuracy"] > metrics["pretrained_accuracy"] + 0.05  # the pretrained model gets the swapped words wrong
+    assert metrics["nll"] < metrics["pretrained_nll"]
 
 
 # gloo can abort a process in its C++ teardown ("terminate called without an active exception",

@@ -101,6 +101,15 @@ def test_trunk_before_the_first_bayesian_layer_runs_once(device):
     assert calls == [6]
 
 
+def test_a_model_with_forward_hooks_of_its_own_runs_whole():
+    # hooks on the model itself expect its every call (FSDP2's fully_shard gathers the parameters in them)
+    bnn = vinn.bayesify(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), last=1).eval()
+    calls = []
+    bnn.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    vinn.sample(bnn, torch.randn(2, 3), samples=3, chunk_size=3)
+    assert calls == [6]
+
+
 def test_shared_trunk_follows_module_changes():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     bnn = vinn.bayesify(net, last=1).eval()

@@ -13,6 +13,8 @@ from torch import Tensor
 from torch.distributions import Cauchy, Distribution, Laplace, Normal, StudentT, constraints, kl_divergence, register_kl
 from torch.distributions.transforms import Transform
 
+from .sharding import full_tensor, is_dtensor
+
 PosteriorFamily = Callable[..., Distribution]
 
 # The posterior scale is kept within these bounds whatever value log σ² takes, so variances, KL
@@ -137,6 +139,15 @@ def with_leaves(obj: object, leaves: Mapping[str, Tensor | None], prefix: str = 
     return new
 
 
+def gathered_distribution(distribution: Distribution) -> Distribution:
+    """``distribution`` with every DTensor inside it (FSDP2's sharded parameters) gathered into a plain
+    tensor, differentiably; ``distribution`` itself when it holds none (see `vinn.sharding`)."""
+    leaves = tensor_leaves(distribution)
+    if not any(map(is_dtensor, leaves.values())):
+        return distribution
+    return with_leaves(distribution, {path: full_tensor(t) for path, t in leaves.items()})
+
+
 def check_arguments(distribution: Distribution, argument: str = "prior") -> None:
     """Raise ValueError unless every tensor argument of ``distribution`` (and of the distributions
     inside it) satisfies its constraint: a scale > 0, probabilities in [0, 1], ... Checked even for a
@@ -193,6 +204,9 @@ def kl_sum(posterior: Distribution, prior: Distribution) -> Tensor:
     try:
         return kl_divergence(posterior, prior).sum()
     except NotImplementedError:
+        # a sample cannot be drawn for sharded (FSDP2) parameters: each rank draws one of the
+        # gathered ones, whose gradient reaches its own shard
+        posterior, prior = gathered_distribution(posterior), gathered_distribution(prior)
         w = posterior.rsample()
         # summed apart: a matrix posterior's log density is one number, the prior's one per element
         return posterior.log_prob(w).sum() - prior.log_prob(w).sum()

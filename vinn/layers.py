@@ -46,6 +46,7 @@ from .distributions import (
 )
 from .priors import PriorSpec
 from .sampling import sampling_enabled
+from .sharding import full_tensor, gathered, replicated_like
 from .validation import one_of, real
 
 # Default initial posterior scale of a freshly built layer: small against torch's default loc
@@ -241,7 +242,11 @@ class BayesianLayer(nn.Module):
         if name not in self._prior_templates:
             return None
         template, shapes = self._prior_templates[name]
-        leaves = {path: _cast(getattr(self, self._prior_buffer(name, path)), dtype).expand(shape) for path, shape in shapes.items()}
+        loc = self._parameters[name]  # a DTensor under FSDP2: the buffers then join it as replicated DTensors
+        leaves = {
+            path: replicated_like(loc, _cast(getattr(self, self._prior_buffer(name, path)), dtype).expand(shape))
+            for path, shape in shapes.items()
+        }
         return with_leaves(template, leaves)
 
     def _fit_prior(self, name: str) -> None:
@@ -250,14 +255,15 @@ class BayesianLayer(nn.Module):
         if not (isinstance(source, PriorSpec) and source.learned):
             return
         with torch.no_grad():
-            prior_loc = self._buffers[f"{name}_prior_loc"]
+            loc = getattr(self, name)  # a parameter of the layer, or a BayesianParameter's original
+            prior_loc = replicated_like(loc, self._buffers[f"{name}_prior_loc"])
             if is_gaussian(self.posterior):
-                second_moment = self._sigma2(name) + (getattr(self, name) - prior_loc).square()
+                second_moment = self._sigma2(name) + (loc - prior_loc).square()
             else:
                 posterior = self._posterior(name)
                 second_moment = posterior.variance + (posterior.mean - prior_loc).square()
             scale = self._buffers[f"{name}_prior_scale"]  # compact: one number where the group is the layer
-            scale.copy_(source.fitted_scale(self, name, second_moment).reshape(scale.shape))
+            scale.copy_(full_tensor(source.fitted_scale(self, name, second_moment)).reshape(scale.shape))
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         self._check_state(state_dict, prefix)
@@ -377,27 +383,32 @@ class BayesianLayer(nn.Module):
         self._fit_prior(name)
         if is_normal(self.posterior) and type(self._prior_templates[name][0]) is Normal:
             # the default case, straight from the parameters and buffers: no distribution objects
-            buffers = self._buffers
+            loc, buffers = getattr(self, name), self._buffers  # the loc: a parameter of the layer, or a BayesianParameter's original
             return normal_kl(
-                getattr(self, name),  # the loc: a parameter of the layer, or a BayesianParameter's original
+                loc,
                 self._parameters[f"{name}_log_sigma2"],
-                buffers[f"{name}_prior_loc"],
-                buffers[f"{name}_prior_scale"],
+                replicated_like(loc, buffers[f"{name}_prior_loc"]),
+                replicated_like(loc, buffers[f"{name}_prior_scale"]),
             )
         # a KL sums over every element: in float32 for 16-bit parameters, as normal_kl does
         dtype = torch.float32 if getattr(self, name).dtype in LOW_PRECISION else None
         return kl_sum(self._posterior(name, dtype), self._prior(name, dtype))
 
     def _parameters_kl(self) -> Tensor:
-        """KL(q || p) summed over the layer's own random parameters, not those of the vinn layers inside it."""
+        """KL(q || p) summed over the layer's own random parameters, not those of the vinn layers inside it;
+        where FSDP2 shards the parameters, this rank's partial sum as a DTensor (`vinn.sharding.gathered`
+        adds the layers' and gathers them once)."""
         terms = [self._kl(name) for name in self.random_parameters()]
         return sum(terms[1:], terms[0])
 
     @property
     def kl(self) -> Tensor:
         """KL(q || p) summed over every weight and bias element, those of the vinn layers inside this one
-        included (a MultiheadAttention's out_proj): a differentiable 0-dim tensor (nats)."""
-        terms = [m._parameters_kl() for m in self.modules() if isinstance(m, BayesianLayer)]
+        included (a MultiheadAttention's out_proj): a differentiable 0-dim tensor (nats).
+
+        Under FSDP2, with the parameters sharded, it is the KL of the whole layer on every rank
+        (see `vinn.sharding`)."""
+        terms = gathered(m._parameters_kl() for m in self.modules() if isinstance(m, BayesianLayer))
         return sum(terms[1:], terms[0])
 
     @property
@@ -601,11 +612,17 @@ def layer_types() -> dict[type[nn.Module], type[BayesianLayer]]:
     """``{torch layer type: vinn layer type}`` for every type `vinn.bayesify` converts (a copy).
 
     Types of other libraries are registered once their library is imported (transformers'
-    ``Conv1D``, see `vinn.huggingface`): vinn never imports them itself.
+    ``Conv1D``, see `vinn.huggingface`; timm's ``Linear`` and ``Conv2dSame``, see
+    `vinn.timm_layers`): vinn never imports them itself.
     """
-    if "transformers" in sys.modules:
-        importlib.import_module("vinn.huggingface")
+    for library, layers in _LIBRARY_LAYERS.items():
+        if library in sys.modules:
+            importlib.import_module(layers)
     return dict(_REGISTRY)
+
+
+# library -> the vinn module that registers its own layer types, imported once the library is
+_LIBRARY_LAYERS = {"transformers": "vinn.huggingface", "timm": "vinn.timm_layers"}
 
 
 def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import validation
 from .layers import BayesianLayer
 from .parametrization import legacy_keys
+from .sharding import gathered
 
 
 def kl(module: nn.Module) -> Tensor:
@@ -23,7 +24,9 @@ def kl(module: nn.Module) -> Tensor:
     several layers share (tied weights, see `vinn.bayesify`: their ``*_log_sigma2`` parameter is one
     object), counted with the first layer holding it. A `vinn.BayesianParameter` counts as a layer.
     0. (on the module's device) when there is no vinn layer. TypeError for anything but a
-    `torch.nn.Module`.
+    `torch.nn.Module`. Under FSDP2 (``fully_shard``), outside ``forward`` where the parameters are
+    sharded, it is the KL of the whole model on every rank, gathered in one all-reduce (see
+    `vinn.sharding`).
     """
     validation.module(module, "module")
     terms = []
@@ -38,6 +41,7 @@ def kl(module: nn.Module) -> Tensor:
         else:
             terms += [m._kl(name) for name, scale in zip(names, scales) if scale not in counted]
         counted.update(scales)
+    terms = gathered(terms)
     if terms:
         return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
     parameter = next(module.parameters(), None)

@@ -322,8 +322,11 @@ def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | Non
         return _cat([_split(batch(model), 1, n) for _ in range(samples)])
     # The trunk before the first sampling node is computed once and shared by all samples when
     # the model is a torch.fx graph (as bayesify makes) in eval mode, whose shared values are
-    # batch-first tensors; otherwise the whole model runs on the folded batch.
-    if isinstance(model, torch.fx.GraphModule) and not batch.kwargs and not any(m.training for m in model.modules()):
+    # batch-first tensors; otherwise the whole model runs on the folded batch. A model with forward
+    # hooks of its own runs whole too: they expect its every call (FSDP2's fully_shard gathers the
+    # parameters in them).
+    hooked = bool(model._forward_pre_hooks or model._forward_hooks)
+    if isinstance(model, torch.fx.GraphModule) and not (batch.kwargs or hooked) and not any(m.training for m in model.modules()):
         found = _shared_trunk(model, batch.args)
         if found is not None and all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n for v in found[1]):
             model, batch = found[0], _Batch(tuple(found[1]), {})
