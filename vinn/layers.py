@@ -242,7 +242,7 @@ class BayesianLayer(nn.Module):
         if name not in self._prior_templates:
             return None
         template, shapes = self._prior_templates[name]
-        loc = self._parameters[name]  # a DTensor under FSDP2: the buffers then join it as replicated DTensors
+        loc = getattr(self, name)  # a DTensor under FSDP2: the buffers then join it as replicated DTensors
         leaves = {
             path: replicated_like(loc, _cast(getattr(self, self._prior_buffer(name, path)), dtype).expand(shape))
             for path, shape in shapes.items()

@@ -242,17 +242,60 @@ def test_functional_calls_on_own_parameters_become_layers():
 def test_functional_calls_that_must_stay_deterministic_are_reported():
     torch.manual_seed(0)
     model = FunctionalKept()
-    with pytest.warns(UserWarning, match="bayesify converted no layer of FunctionalKept"):
-        bnn = vinn.bayesify(model)
+    bnn = vinn.bayesify(model)
     assert reasons(bnn) == {
-        "attention": "parameter read directly in forward (attention.in_proj_weight)",
+        "attention": None,  # its weight read directly: drawn whole (see the next test)
         "attention.out_proj": "read directly by leaf module attention",
         "twice": "parameter twice used elsewhere in forward",
         "bag.weight": "read directly by leaf module bag",
         "kernel": "stride, padding, dilation or groups computed in forward",
     }
-    assert not any(isinstance(m, vinn.BayesianLayer) for m in bnn.modules())
+    bayesian = [name for name, m in bnn.named_modules() if isinstance(m, vinn.BayesianLayer)]
+    assert bayesian == ["attention.parametrizations.in_proj_weight.0", "attention.parametrizations.in_proj_bias.0"]
     assert_same_outputs(bnn, model, torch.randn(4, 2, 4))
+
+
+class ReadDirectly(nn.Module):
+    """Layers whose parameters forward reads itself, as torchvision's Swin attention passes its
+    ``qkv.weight`` to a function: one never called, one called as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passed = nn.Linear(3, 2)
+        self.also_called = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.passed.bias, x, self.passed.weight.T) + self.also_called(x) + self.also_called.weight.sum()
+
+
+def test_a_layer_whose_parameters_forward_reads_is_drawn_whole():
+    torch.manual_seed(0)
+    model = ReadDirectly()
+    bnn = vinn.bayesify(model, init_scale=0.1)
+    report = {layer.name: layer for layer in bnn.conversion_report.layers}
+    assert all(layer.converted and layer.drawn_whole for layer in report.values())
+    assert report["passed"].parameters == 8 and bnn.conversion_report.bayesian_parameters == 14
+    assert "passed Linear 8 yes, its parameters drawn whole (read directly in forward)" in {
+        " ".join(line.split()) for line in str(bnn.conversion_report).splitlines()
+    }
+    assert "parametrizations" in repr(bnn)
+    draws = bnn.passed.parametrizations
+    assert isinstance(draws.weight[0], vinn.BayesianParameter) and torch.equal(draws.weight.original, model.passed.weight)
+    assert torch.equal(bnn.kl, draws.weight[0].kl + draws.bias[0].kl + bnn.also_called.parametrizations.weight[0].kl)
+    assert_same_outputs(bnn, model, torch.randn(4, 3))
+    net = vinn.to_deterministic(bnn)
+    assert set(net.state_dict()) == set(model.state_dict())
+
+    # weight sampling: the rows of one pass share the draw; across passes, the variance of each
+    # output is sum_j x_j^2 sigma_w^2 + sigma_b^2 (+ the called layer's and the read sum's)
+    only_passed = vinn.bayesify(model, vinn.BayesConfig().set_global(vinn.LayerSpec(init_scale=0.1)).set_name("also_called", None))
+    x = torch.tensor([[1.0, -2.0, 0.5]]).repeat(2, 1)
+    with torch.no_grad():
+        outputs = vinn.sample(only_passed, x, samples=4000, generator=0)  # (T, 2, 2)
+    assert torch.equal(outputs[:, 0], outputs[:, 1])
+    variance = 0.01 * (x[0].square().sum() + 1)
+    standard_error = variance * (2 / 3999) ** 0.5
+    assert (outputs[:, 0].var(0) - variance).abs().max() < 4 * standard_error
 
 
 def test_tied_weights_share_one_posterior():
@@ -283,8 +326,8 @@ def test_tied_weights_share_one_posterior():
     assert type(bnn.embed) is nn.Embedding and bnn.head.weight is bnn.embed.weight
 
     functional = TiedFunctional()
-    with pytest.warns(UserWarning, match="converted no layer"):
-        assert reasons(vinn.bayesify(functional)) == {"embed": "parameter read directly in forward (embed.weight)"}
+    tied_by_forward = vinn.bayesify(functional)  # forward reads the called embedding's weight: drawn whole
+    assert reasons(tied_by_forward) == {"embed": None} and tied_by_forward.conversion_report.converted[0].drawn_whole
 
 
 def test_untraceable_model_is_converted_by_walking_its_module_tree():
@@ -370,7 +413,7 @@ def test_subclasses_unused_layers_direct_reads_and_vinn_layers_are_kept():
     assert reasons(bnn) == {
         "scaled": "unsupported type ScaledLinear (subclass of nn.Linear; exact types only)",
         "unused": "never called in forward",
-        "peeked": "parameter read directly in forward (peeked.weight)",
+        "peeked": None,  # drawn whole
         "bayesian": "already a vinn layer",
         "plain": None,
     }
@@ -414,12 +457,12 @@ def test_report_is_data_and_prints_readably(capsys):
     report = bnn.conversion_report
     assert printed.strip() == str(report)
     lines = str(report).splitlines()
-    assert lines[0] == "bayesify: 1 of 5 layers Bayesian (traced by torch.fx)"
+    assert lines[0] == "bayesify: 2 of 5 layers Bayesian (traced by torch.fx)"
     assert lines[1].split() == ["layer", "type", "parameters", "Bayesian"]
     assert any(line.startswith("unused ") and line.endswith("no: never called in forward") for line in lines)
-    assert lines[-1].startswith("Bayesian parameters: 10 of ")
-    assert report.bayesian_parameters == 10 and [layer.name for layer in report.converted] == ["plain"]
-    assert len(report.kept) == 4
+    assert lines[-1].startswith("Bayesian parameters: 30 of ")
+    assert report.bayesian_parameters == 30 and [layer.name for layer in report.converted] == ["peeked", "plain"]
+    assert len(report.kept) == 3
     as_data = dataclasses.asdict(report)
     assert as_data["layers"][0] == {
         "name": "scaled",
@@ -428,6 +471,7 @@ def test_report_is_data_and_prints_readably(capsys):
         "converted": False,
         "reason": "unsupported type ScaledLinear (subclass of nn.Linear; exact types only)",
         "shared_with": None,
+        "drawn_whole": False,
     }
     assert pickle.loads(pickle.dumps(report)) == report
     assert vinn.bayesify(Oddities()).conversion_report == report  # nothing printed without verbose

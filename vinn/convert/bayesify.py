@@ -45,7 +45,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
 from .. import validation
-from ..distributions import PosteriorFamily
+from ..distributions import MatrixNormal, PosteriorFamily
 from ..layers import BayesianLayer, InitScale, layer_types
 from ..module import Module
 from ..parametrization import BayesianParameter, bayesian_parametrizations
@@ -116,6 +116,9 @@ class _Candidate:
     call: Node | None = None  # the functional call node, for a functional call
     spec: LayerSpec | None = None  # how it becomes Bayesian, once decided
     parameter: nn.Parameter | None = None  # for a parameter: the parameter itself
+    # a module whose parameters forward reads itself (never calling it, or not only): converted by
+    # making each of them a BayesianParameter, drawn whole
+    read_directly: bool = False
     # tied weights: attribute -> (the earlier layer whose posterior it shares, that layer's attribute)
     shares: dict[str, tuple[_Candidate, str]] = field(default_factory=dict)
 
@@ -149,7 +152,10 @@ def bayesify(
     How: torch.fx traces ``model``, and every call of a module of exactly a supported type is
     converted (a subclass, which may compute something else, is kept), as is every
     ``F.linear`` / ``F.conv1d/2d/3d`` call whose weight and bias are parameters of the model used
-    by that call alone. The result is then a `BayesianGraphModule`. Kept deterministic, and
+    by that call alone. The result is then a `BayesianGraphModule`. A layer whose parameters
+    ``forward`` reads itself (torchvision's Swin passes its attention's ``qkv.weight`` to a
+    function) is made Bayesian by weight sampling: each parameter becomes a
+    `vinn.BayesianParameter`, drawn whole wherever it is read. Kept deterministic, and
     reported: layers inside a torch.nn module that reads their weights directly (the ``out_proj``
     of an ``nn.MultiheadAttention`` kept deterministic), layers never called in ``forward``,
     parameters shared with a module that is no layer vinn converts. Layers tied to each other (one
@@ -233,7 +239,7 @@ def bayesify(
             UserWarning,
             stacklevel=2,
         )
-    modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.layer is not None and c.call is None}
+    modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.layer is not None and c.call is None and not c.read_directly}
     _tie(converted, modules)
     _replace_modules(bnn, modules)
     for candidate in converted:
@@ -241,7 +247,8 @@ def bayesify(
             _replace_functional_call(bnn, candidate, _bayesian_layer(candidate))
     _converted_with_their_owner(bnn, candidates)
     keep_sampling(bnn)
-    random_parameters = [(c, _bayesian_parameter(c)) for c in converted if c.parameter is not None]
+    named = [c for c in converted if c.parameter is not None] + [p for c in converted if c.read_directly for p in _drawn_whole(c)]
+    random_parameters = [(c, _bayesian_parameter(c)) for c in named]
     if isinstance(bnn, BayesianGraphModule):
         for candidate, parametrization in random_parameters:
             _parametrize_traced(bnn, candidate, parametrization, usage)
@@ -266,6 +273,7 @@ def bayesify(
             LayerReport(
                 c.name, c.kind, c.parameters, converted=c.spec is not None, reason=c.reason,
                 shared_with=", ".join(_qualified(source.name, name) for source, name in c.shares.values()) or None,
+                drawn_whole=c.read_directly and c.spec is not None,
             )
             for c in candidates + parameters
         ),
@@ -401,8 +409,13 @@ def _graph_candidates(root: nn.Module, usage: _Usage) -> list[_Candidate]:
     candidates = []
     for name, module in root.named_modules():
         if isinstance(module, supported):
-            reason = _module_reason(name, module, leaves, untieable, hooked) or _usage_reason(name, called, read)
-            candidates.append(_module_candidate(name, module, called.get(name, -1), reason))
+            reads = [position for target, position in read.items() if target.startswith(f"{name}.")]
+            reason = _module_reason(name, module, leaves, tied if reads else untieable, hooked)
+            if reason is None and not reads and name not in called:
+                reason = "never called in forward"
+            candidate = _module_candidate(name, module, min(reads + [called.get(name, len(graph.nodes))]), reason)
+            candidate.read_directly = bool(reads)
+            candidates.append(candidate)
     parameters = dict(root.named_parameters())
     functional: dict[str, _Candidate] = {}  # by weight name: a weight used by several calls is one entry
     for position, node in enumerate(graph.nodes):
@@ -476,14 +489,6 @@ def _module_reason(
         if also is not None:
             return f"shared parameter (also {also[0]})"
     return None
-
-
-def _usage_reason(name: str, called: dict[str, int], read: set[str]) -> str | None:
-    """Why the traced ``forward`` does not let the module ``name`` be replaced; None if it does."""
-    direct = sorted(target for target in read if target.startswith(f"{name}."))
-    if direct:
-        return f"parameter read directly in forward ({direct[0]})"
-    return None if name in called else "never called in forward"
 
 
 def _functional_candidate(
@@ -572,6 +577,8 @@ def _decide(candidates: list[_Candidate], config: BayesConfig, last: int | None)
             spec, rule = config.spec_for(candidate.name, type(candidate.layer))
             if spec is None:
                 candidate.reason = f"excluded by config ({rule})"
+            elif candidate.read_directly and spec.posterior is MatrixNormal:
+                spec, candidate.reason = None, "parameters read directly in forward, which vinn.MatrixNormal cannot draw whole"
             candidate.spec = spec
     selected = sorted((c for c in candidates if c.spec is not None), key=lambda c: c.order)
     if last is not None:
@@ -587,7 +594,7 @@ def _share_tied(candidates: list[_Candidate]) -> None:
     one tensor cannot be random for one reader and fixed for another. A layer that shares no longer
     counts the shared elements among its ``parameters`` (they are its source's).
     """
-    layers = sorted((c for c in candidates if c.layer is not None and c.call is None), key=lambda c: c.order)
+    layers = sorted((c for c in candidates if c.layer is not None and c.call is None and not c.read_directly), key=lambda c: c.order)
     holders: dict[int, tuple[_Candidate, str]] = {}  # tensor -> the first layer holding it, and its attribute
     groups: dict[int, set[_Candidate]] = {id(c): {c} for c in layers}  # layer -> the layers tied to it
     for candidate in layers:
@@ -737,6 +744,19 @@ def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
         raise type(error)(f"cannot convert {candidate.name or 'the model'}: {error}") from error
     _keep_settings(layer, bayesian)
     return bayesian
+
+
+def _drawn_whole(layer: _Candidate) -> list[_Candidate]:
+    """The parameters of a converted layer that ``forward`` reads itself, each to become a `BayesianParameter`
+    with the layer's spec (weight sampling: a parameter read by other code has no input to reparameterize)."""
+    assert layer.layer is not None and layer.spec is not None
+    spec = dataclasses.replace(layer.spec, estimator=None)
+    names = layer_types()[type(layer.layer)].parameter_names_of(layer.layer)
+    return [
+        _Candidate(_qualified(layer.name, name), "Parameter", parameter.numel(), layer.order, None, spec=spec, parameter=parameter)
+        for name in names
+        if (parameter := getattr(layer.layer, name, None)) is not None
+    ]
 
 
 def _bayesian_parameter(candidate: _Candidate) -> BayesianParameter:
