@@ -365,3 +365,92 @@ def test_a_split_made_inside_deterministic_is_not_reused_outside():
     assert torch.equal(same[0], same[1])
     draws = vinn.sample(bnn, x, samples=4)
     assert not torch.equal(draws[0], draws[1]), "the leaf's vinn layer samples again"
+
+
+class HeadLast(nn.Module):
+    """A model that is no torch.fx graph (data-dependent control flow), deterministic up to its
+    one vinn layer, whose output it returns with other values, as a transformers classifier does."""
+
+    def __init__(self, after: str = "nothing") -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+        self.head = vinn.Linear(4, 2, init_scale=0.3)
+        self.after = after
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # untraceable, as transformers models are
+            x = -x
+        if self.after == "noise before":
+            x = x + 0.0 * torch.randn_like(x)
+        hidden = self.body(x)
+        logits = self.head(hidden)
+        if self.after == "scaled":
+            logits = logits * 2
+        return {"logits": logits, "hidden": hidden, "none": None}
+
+
+def test_a_model_whose_only_vinn_layer_is_last_runs_its_trunk_once():
+    torch.manual_seed(4)
+    model = HeadLast().eval()
+    calls = []
+    model.body.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    x = torch.randn(2, 3)
+    t = 4000
+    out = vinn.sample(model, x, samples=t, chunk_size=1000)
+    assert calls == [2], "the trunk saw the batch once, not once per sample"
+    hidden = model.body(x).detach()
+    assert out["none"] is None and out["hidden"].shape == (t, 2, 4) and torch.equal(out["hidden"][-1], hidden)
+    head = model.head
+    mean = hidden @ head.weight.detach().T + head.bias.detach()
+    var = hidden**2 @ (head.weight_scale.detach() ** 2).T + head.bias_scale.detach() ** 2
+    draws = out["logits"]
+    assert ((draws.mean(0) - mean).abs() / (var / t).sqrt()).max() < 5
+    assert ((draws.var(0) / var) - 1).abs().max() < 5 * math.sqrt(2 / t)  # the relative SE of a variance
+    corr = torch.corrcoef(torch.stack([draws[:-1, 0, 0], draws[1:, 0, 0]]))[0, 1]
+    assert abs(corr) < 5 / math.sqrt(t)
+    corr = torch.corrcoef(torch.stack([draws[:, 0, 0], draws[:, 1, 0]]))[0, 1]
+    assert abs(corr) < 5 / math.sqrt(t), "each example has noise of its own"
+    calls.clear()
+    vinn.sample(model, x, samples=8, generator=0)
+    assert calls == [2]
+
+
+@pytest.mark.parametrize("after", ["scaled", "noise before"])
+def test_a_model_computing_after_its_vinn_layer_or_drawing_before_it_runs_whole(after):
+    torch.manual_seed(5)
+    model = HeadLast(after).eval()
+    calls = []
+    model.body.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    x = torch.randn(2, 3)
+    out = vinn.sample(model, x, samples=3, chunk_size=3)
+    assert calls == [2, 6], "one pass found the trunk not shareable, then the folded batch"
+    assert not torch.equal(out["logits"][0], out["logits"][1])
+    calls.clear()
+    vinn.sample(model, x, samples=3, chunk_size=3)
+    assert calls == [6], "the verdict is kept"
+
+
+def test_a_transformers_classifier_with_a_bayesian_head_runs_its_body_once():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    torch.manual_seed(6)
+    with pytest.warns(UserWarning, match="could not trace"):
+        bnn = vinn.bayesify(transformers.BertForSequenceClassification(config).eval(), last=1)
+    calls = []
+    bnn.bert.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
+    tokens = {"input_ids": torch.randint(0, 50, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    p = vinn.predict(bnn, tokens, samples=16)
+    assert calls == [1] and p.shape == (16, 3, 2)
+    assert not torch.equal(p[0], p[1])
+
+
+def test_attention_in_eval_mode_is_shared_trunk():
+    """torch tags attention kernels as random (their dropout) even with dropout_p=0: in eval mode
+    they draw nothing, and a ViT's encoder is still shared by all samples."""
+    torchvision = pytest.importorskip("torchvision")
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
+    bnn = vinn.bayesify(vit.eval(), last=1)
+    calls = []
+    bnn.get_submodule("encoder.layers.encoder_layer_0.self_attention").register_forward_hook(lambda *args: calls.append(1))
+    vinn.predict(bnn, torch.randn(2, 3, 16, 16), samples=8)
+    assert calls == [1]

@@ -142,14 +142,32 @@ class _Watch(TorchDispatchMode):
         super().__init__()
         self.random = False
         self.largest = 0
+        self.operations = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        self.random = self.random or torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+        self.operations += 1
+        self.random = self.random or _draws_random_numbers(func, args, kwargs or {})
         for value in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(value, Tensor):
                 self.largest = max(self.largest, value.numel())
         return out
+
+
+def _draws_random_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the aten operation ``func`` draws random numbers on these arguments.
+
+    torch tags its random operations ``nondeterministic_seeded``, attention kernels among them
+    (for their dropout) whatever the dropout probability: one run with ``dropout_p=0`` (eval mode)
+    or a dropout with ``train=False`` draws nothing.
+    """
+    if torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ()):
+        return False
+    values = {
+        argument.name: kwargs.get(argument.name, args[i] if i < len(args) else argument.default_value)
+        for i, argument in enumerate(func._schema.arguments)
+    }
+    return not (values.get("dropout_p", None) == 0 or values.get("train", None) is False)
 
 
 def _per_example_noise(model: nn.Module) -> bool:
@@ -255,6 +273,94 @@ def _split_at_first_sample(model: torch.fx.GraphModule, args: tuple[Tensor, ...]
     return parts, [kept[n] for n in shared]
 
 
+# -- a model that is deterministic up to one vinn layer, whose output is the model's ------------
+
+
+@dataclasses.dataclass
+class _HeadCall:
+    """What one pass of a model saw of its one vinn layer (the head): how often it ran, its inputs
+    and output, whether anything random ran before it, and how many operations ran until it returned."""
+
+    calls: int = 0
+    random_before: bool = False
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    output: Any = None
+    operations: int = 0
+
+
+# model -> (its modules, whether its head's output is its own): found by one pass, kept while the
+# modules are the same
+_heads: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], bool]] = weakref.WeakKeyDictionary()
+
+
+def _head_samples(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None) -> Any | None:
+    """``samples`` draws of a model whose only vinn layer computes its output last, from one pass of
+    the model and ``samples - 1`` more of that layer alone; None for any other model.
+
+    The fast path that `_shared_trunk` gives a torch.fx graph, for a model that is no graph (a
+    transformers model, which bayesify converts by walking its module tree): forward hooks see the
+    layer's input and output in one pass, and a `_Watch` checks that nothing random ran before the
+    layer and nothing at all after it, so that every other output is deterministic and the layer's
+    output is what the model returns. The layer's input must be batch-first (N, ...).
+    """
+    layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
+    inner = {id(sub) for layer in layers for sub in layer.modules() if sub is not layer}
+    heads = [layer for layer in layers if id(layer) not in inner]
+    key = tuple(map(id, model.modules()))
+    known = _heads.get(model)
+    if len(heads) != 1 or (known is not None and known[0] == key and not known[1]):
+        return None
+    head, seen, n = heads[0], _HeadCall(), batch.size
+    with _Watch() as watch:
+
+        def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.calls, seen.random_before, seen.args, seen.kwargs = seen.calls + 1, watch.random, args, kwargs
+
+        def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            seen.output, seen.operations = output, watch.operations
+
+        handles = [head.register_forward_pre_hook(before, with_kwargs=True), head.register_forward_hook(after)]
+        try:
+            first = batch(model)
+        finally:
+            for handle in handles:
+                handle.remove()
+    inputs = [v for v in (*seen.args, *seen.kwargs.values()) if isinstance(v, Tensor)]
+    found: list[Tensor] = []
+
+    def collect(leaves: list[Tensor], path: str) -> Tensor:
+        found.append(leaves[0])
+        return leaves[0]
+
+    _map_outputs(collect, [first])
+    usable = (
+        seen.calls == 1 and not seen.random_before and seen.operations == watch.operations
+        and isinstance(seen.output, Tensor) and seen.output.dim() > 0 and seen.output.shape[0] == n
+        and any(leaf is seen.output for leaf in found)
+        and all(v.dim() > 0 and v.shape[0] == n for v in inputs)
+    )
+    _heads[model] = (key, usable)
+    if not usable:  # the pass is lost, once per model: the verdict is kept
+        return None
+    head_batch = _Batch(seen.args, seen.kwargs)
+    rest = samples - 1
+    if not head.per_example_noise:
+        draws = [seen.output] + [head_batch(head) for _ in range(rest)]
+    else:
+        per_pass = chunk_size or max(1, _chunk_budget(seen.output) // max(1, seen.output.numel()))
+        draws = [seen.output] + [
+            head_batch.folded(min(per_pass, rest - start))(head) for start in range(0, rest, per_pass)
+        ]
+    stacked = torch.cat(draws).reshape(samples, *seen.output.shape)
+
+    def repeated(leaves: list[Tensor], path: str) -> Tensor:
+        (leaf,) = leaves
+        return stacked if leaf is seen.output else _split(leaf, 1, n).expand(samples, *leaf.shape)
+
+    return _map_outputs(repeated, [first])
+
+
 def _device(model: nn.Module) -> torch.device | None:
     tensor: Tensor | None = next(model.parameters(), None)
     if tensor is None:
@@ -292,7 +398,10 @@ def sample(
     For a torch.fx model in eval mode (what `vinn.bayesify` returns) called with positional
     inputs, the deterministic trunk before the first random operation runs once on the N examples
     and only the rest of the graph on the folded batch: with only the last layer Bayesian, T
-    samples cost little more than one pass. Random operations are recognised by what they run
+    samples cost little more than one pass. Any other model in eval mode whose only vinn layer
+    computes its output last (nothing random before it, nothing at all after it, as found by one
+    pass with hooks on it; a transformers classifier converted with ``last=1``) runs once, and that
+    layer alone again for the other samples; its other outputs are repeated. Random operations are recognised by what they run
     (torch tags its random operations ``nondeterministic_seeded``): ``F.gumbel_softmax``, dropout
     or a module drawing noise of its own is never shared across samples. This assumes the tensors
     handed from trunk to rest are batch-first (N, ...), as checked.
@@ -316,17 +425,28 @@ def sample(
         return _sample(model, batch, samples, chunk_size)
 
 
+def _chunk_budget(tensor: Tensor) -> int:
+    """The largest output of one operation of a folded pass, in elements, on ``tensor``'s device."""
+    return _AUTO_CHUNK_ELEMENTS_CPU if tensor.device.type == "cpu" else _AUTO_CHUNK_ELEMENTS_ACCELERATOR
+
+
 def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None) -> Any:
     n = batch.size
+    # In eval mode, the computation before the first sampling is shared by all samples: for a
+    # torch.fx graph (as bayesify makes) the trunk before the first sampling node, when the values
+    # it hands on are batch-first tensors; for any other model whose only vinn layer computes its
+    # output last, everything before that layer. Otherwise the whole model runs on the folded
+    # batch. A model with forward hooks of its own runs whole: they expect its every call (FSDP2's
+    # fully_shard gathers the parameters in them).
+    hooked = bool(model._forward_pre_hooks or model._forward_hooks)
+    evaluating = not any(m.training for m in model.modules())
+    if evaluating and not hooked and not isinstance(model, torch.fx.GraphModule):
+        drawn = _head_samples(model, batch, samples, chunk_size)
+        if drawn is not None:
+            return drawn
     if not _per_example_noise(model):
         return _cat([_split(batch(model), 1, n) for _ in range(samples)])
-    # The trunk before the first sampling node is computed once and shared by all samples when
-    # the model is a torch.fx graph (as bayesify makes) in eval mode, whose shared values are
-    # batch-first tensors; otherwise the whole model runs on the folded batch. A model with forward
-    # hooks of its own runs whole too: they expect its every call (FSDP2's fully_shard gathers the
-    # parameters in them).
-    hooked = bool(model._forward_pre_hooks or model._forward_hooks)
-    if isinstance(model, torch.fx.GraphModule) and not (batch.kwargs or hooked) and not any(m.training for m in model.modules()):
+    if isinstance(model, torch.fx.GraphModule) and not (batch.kwargs or hooked) and evaluating:
         found = _shared_trunk(model, batch.args)
         if found is not None and all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n for v in found[1]):
             model, batch = found[0], _Batch(tuple(found[1]), {})
@@ -336,9 +456,7 @@ def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | Non
         with _Watch() as watch:
             chunks.append(_split(batch.folded(1)(model), 1, n))
         done = 1
-        accelerator = batch.tensors()[0].device.type != "cpu"
-        budget = _AUTO_CHUNK_ELEMENTS_ACCELERATOR if accelerator else _AUTO_CHUNK_ELEMENTS_CPU
-        per_pass = max(1, budget // max(1, watch.largest))
+        per_pass = max(1, _chunk_budget(batch.tensors()[0]) // max(1, watch.largest))
     for start in range(done, samples, per_pass):
         t = min(per_pass, samples - start)
         chunks.append(_split(batch.folded(t)(model), t, n))
