@@ -50,9 +50,10 @@ def test_compiled_lenet_trains_and_samples_like_eager():
         torch.testing.assert_close(compiled(rows, labels)[1], step(rows, labels)[1], rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_bayesified_resnet18_trains_and_samples_like_eager():
+def test_compiled_bayesified_resnet_trains_and_samples_like_eager():
     torch.manual_seed(0)
-    bnn = vinn.bayesify(torchvision.models.resnet18(num_classes=10), init_scale=0.05).train()
+    resnet = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)  # ResNet-10: compiles in half the time of ResNet-18
+    bnn = vinn.bayesify(resnet, init_scale=0.05).train()
     step, compiled = _compiled_step(bnn)
     x, y = torch.randn(2, 3, 32, 32).repeat(16, 1, 1, 1), torch.tensor([3, 7]).repeat(16)
     loss, _ = compiled(x, y)
