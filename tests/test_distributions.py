@@ -9,7 +9,7 @@ import torch
 from torch.distributions import Categorical, Cauchy, Laplace, MixtureSameFamily, Normal, StudentT, kl_divergence
 
 import vinn
-from vinn.distributions import MAX_SCALE, MIN_SCALE, normal_kl
+from vinn.distributions import MAX_SCALE, MIN_SCALE, normal_draw, normal_kl
 
 
 def scale_mixture(pi=0.25, sigma1=1.0, sigma2=math.exp(-6)):
@@ -107,3 +107,28 @@ def test_normal_kl_gradient_is_straight_through_past_the_scale_bounds():
     normal_kl(torch.zeros(2, dtype=torch.float64), log_sigma2, torch.tensor(0.0), torch.tensor(1.0)).backward()
     torch.testing.assert_close(log_sigma2.grad, 0.5 * (torch.tensor([MIN_SCALE, MAX_SCALE], dtype=torch.float64) ** 2 - 1))
     assert log_sigma2.grad[0] < 0 < log_sigma2.grad[1]
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_fused_normal_draw_has_the_posterior_moments_and_gradients(centred):
+    torch.manual_seed(0)
+    n = 200_000
+    loc = torch.full((n,), 0.7, requires_grad=True)
+    log_sigma2 = torch.full((n,), math.log(0.09), requires_grad=True)  # σ = 0.3
+    draw = normal_draw(None if centred else loc, log_sigma2)
+    mean = 0.0 if centred else 0.7
+    assert abs(draw.mean().item() - mean) < 5 * 0.3 / math.sqrt(n)
+    assert abs(draw.var().item() / 0.09 - 1) < 5 * math.sqrt(2 / n)
+    upstream = torch.randn(n)
+    (draw * upstream).sum().backward()
+    deviation = (draw - mean).detach()
+    torch.testing.assert_close(log_sigma2.grad, 0.5 * upstream * deviation)  # d(loc + σε)/dlog σ² = σε / 2
+    assert (loc.grad is None) if centred else torch.equal(loc.grad, upstream)
+
+
+def test_fused_normal_draw_is_bounded_with_a_straight_through_gradient():
+    log_sigma2 = torch.tensor([2 * math.log(MAX_SCALE) + 10.0, 2 * math.log(MIN_SCALE) - 10.0], requires_grad=True)
+    draw = normal_draw(None, log_sigma2)
+    assert draw[0].abs() <= 6 * MAX_SCALE and draw[1].abs() <= 6 * MIN_SCALE
+    draw.sum().backward()
+    assert torch.all(log_sigma2.grad != 0), "a parameter past the bounds still feels the loss"

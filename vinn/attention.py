@@ -211,7 +211,7 @@ class MultiheadAttention(BayesianLayer, nn.MultiheadAttention):
         Elementwise, so the rows of a packed parameter are those of the packed projection."""
         # (the casts: ``name`` has a loc, so its posterior, variance and perturbation are not None)
         if self.estimator == "sample":
-            return (cast(Distribution, self._posterior(name)).rsample(),)
+            return (cast(Tensor, self._draw_parameter(name)),)
         second = self._sigma2(name) if self.estimator == "lrt" else self._perturbation(name)
         return getattr(self, name), cast(Tensor, second)
 

@@ -258,6 +258,42 @@ def sigma2(log_sigma2: Tensor) -> Tensor:
     return _BoundedExp.apply(log_sigma2)
 
 
+class _NormalDraw(torch.autograd.Function):
+    """A reparameterized draw ``loc + σ ε`` of N(loc, σ²), σ² = `sigma2` (log σ²), ε ~ N(0, 1); ``σ ε``
+    alone (a draw centred at 0: flipout's perturbation) when ``loc`` is None.
+
+    Equal in distribution to ``Normal(loc, sigma2(log σ²).sqrt()).rsample()``, in fewer passes over the
+    parameters: σ straight from exp(log σ² / 2), one fused multiply-add, and only the draw's
+    ``σ ε`` kept for the backward pass, where d/dlog σ² = σ ε / 2 (straight through past the
+    bounds, as `sigma2`'s gradient). The weight-sampling estimators' hot path.
+    """
+
+    @staticmethod
+    def forward(loc: Tensor | None, log_sigma2: Tensor) -> Tensor:
+        low, high = _variance_bounds(log_sigma2.dtype)
+        scale = log_sigma2.mul(0.5).exp_().clamp_(math.sqrt(low), math.sqrt(high))
+        noise = torch.randn_like(scale)
+        return scale.mul_(noise) if loc is None else torch.addcmul(loc, scale, noise)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor | None, Tensor], output: Tensor) -> None:
+        loc, _ = inputs
+        ctx.centred = loc is None
+        ctx.save_for_backward(output if loc is None else output - loc)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        (deviation,) = ctx.saved_tensors
+        grad_loc = grad if ctx.needs_input_grad[0] else None
+        grad_log_sigma2 = deviation.mul(grad).mul_(0.5) if ctx.needs_input_grad[1] else None
+        return grad_loc, grad_log_sigma2
+
+
+def normal_draw(loc: Tensor | None, log_sigma2: Tensor) -> Tensor:
+    """A reparameterized draw of N(loc, σ²) elementwise, σ² = `sigma2` (log σ²); of N(0, σ²) when ``loc`` is None."""
+    return _NormalDraw.apply(loc, log_sigma2)
+
+
 class _NormalKL(torch.autograd.Function):
     """KL(N(loc, σ²) || N(prior_loc, prior_var)) summed over elements, σ² = `sigma2` (log σ²).
 

@@ -39,6 +39,7 @@ from .distributions import (
     is_normal,
     is_symmetric,
     kl_sum,
+    normal_draw,
     normal_kl,
     sigma2,
     tensor_leaves,
@@ -451,9 +452,14 @@ class BayesianLayer(nn.Module):
             deltas = [self._perturbation(name) for name in self.parameter_names]
             flipped = self._op(input * self._random_signs(input), *deltas, *args, **kwargs)
             return mean + flipped * self._random_signs(mean)
-        posteriors = [self._posterior(name) for name in self.parameter_names]
-        draws = [None if q is None else q.rsample() for q in posteriors]
-        return self._op(input, *draws, *args, **kwargs)
+        return self._op(input, *(self._draw_parameter(name) for name in self.parameter_names), *args, **kwargs)
+
+    def _draw_parameter(self, name: str) -> Tensor | None:
+        """A reparameterized draw of the parameter ``name`` (None for an absent bias)."""
+        if is_normal(self.posterior) and getattr(self, name) is not None:
+            return normal_draw(getattr(self, name), getattr(self, f"{name}_log_sigma2"))  # the common case, fused
+        posterior = self._posterior(name)
+        return None if posterior is None else posterior.rsample()
 
     def _linear_input(self, input: Tensor) -> Tensor:
         """What `_op` is linear in: the input itself, or for a normalization layer the normalized input
@@ -472,9 +478,12 @@ class BayesianLayer(nn.Module):
 
     def _perturbation(self, name: str) -> Tensor | None:
         """A draw of w - loc: the posterior family centred at 0."""
-        scale = self._scale(name)
-        if scale is None:
+        log_sigma2 = getattr(self, f"{name}_log_sigma2")
+        if log_sigma2 is None:
             return None
+        if is_normal(self.posterior):
+            return normal_draw(None, log_sigma2)
+        scale = self._scale(name)
         return self._elementwise_family(loc=scale.new_zeros(()), scale=scale, validate_args=False).rsample()
 
     def _random_signs(self, t: Tensor) -> Tensor:

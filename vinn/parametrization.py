@@ -20,7 +20,7 @@ loads with ``strict=False`` (see `legacy_keys`).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -128,7 +128,7 @@ class BayesianParameter(BayesianLayer):
         """A reparameterized draw of the posterior with loc ``original``; ``original`` itself inside `vinn.deterministic()`."""
         if not sampling_enabled():
             return original
-        return self.posterior(loc=original, scale=self._scale("weight"), validate_args=False).rsample()
+        return cast(Tensor, self._draw_parameter("weight"))  # its loc, `weight`, is `original`
 
     def extra_repr(self) -> str:
         return (

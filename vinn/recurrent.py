@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .distributions import sigma2
+from .distributions import is_normal, normal_draw, sigma2
 from .layers import BayesianLayer, random_signs, register_layer
 from .sampling import sampling_enabled
 
@@ -188,9 +188,13 @@ class _RNNBase(BayesianLayer, nn.RNNBase):
         """
         names = self.parameter_names
         locs = [getattr(self, name) for name in names]
-        scale = sigma2(torch.cat([getattr(self, f"{name}_log_sigma2").flatten() for name in names])).sqrt()
-        loc = scale.new_zeros(()) if centred else torch.cat([loc.flatten() for loc in locs])
-        draw = self.posterior(loc=loc, scale=scale, validate_args=False).rsample()
+        log_sigma2 = torch.cat([getattr(self, f"{name}_log_sigma2").flatten() for name in names])
+        loc = None if centred else torch.cat([loc.flatten() for loc in locs])
+        if is_normal(self.posterior):
+            draw = normal_draw(loc, log_sigma2)
+        else:
+            scale = sigma2(log_sigma2).sqrt()
+            draw = self.posterior(loc=scale.new_zeros(()) if loc is None else loc, scale=scale, validate_args=False).rsample()
         pieces = draw.split([loc.numel() for loc in locs])
         return {name: piece.view_as(loc) for name, piece, loc in zip(names, pieces, locs)}
 
