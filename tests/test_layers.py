@@ -486,3 +486,26 @@ def test_embedding_kl_and_bayesify():
     with torch.no_grad(), vinn.deterministic():
         torch.testing.assert_close(bnn(tokens), model(tokens))
     assert vinn.sample(bnn, tokens, samples=3).shape == (3, 2, 5, 3)
+
+
+def test_local_reparameterization_draw_and_gradient_are_those_of_its_formula():
+    """normal_sample's written-out gradient equals autograd's through mean + sqrt(clamp(var)) ε,
+    0 where the variance is 0 (a ReLU's dead region without bias), on the same noise."""
+    from vinn.layers import normal_sample
+
+    torch.manual_seed(0)
+    mean = torch.randn(5, 3, dtype=torch.double, requires_grad=True)
+    var = torch.rand(5, 3, dtype=torch.double)
+    var[0, 0] = 0.0
+    var.requires_grad_()
+    upstream = torch.randn(5, 3, dtype=torch.double)
+    torch.manual_seed(1)
+    fused = normal_sample(mean, var)
+    fused_grads = torch.autograd.grad((fused * upstream).sum(), (mean, var))
+    torch.manual_seed(1)
+    formula = mean + var.clamp_min(torch.finfo(var.dtype).tiny).sqrt() * torch.randn_like(mean)
+    formula_grads = torch.autograd.grad((formula * upstream).sum(), (mean, var))
+    torch.testing.assert_close(fused, formula)
+    for got, expected in zip(fused_grads, formula_grads):
+        torch.testing.assert_close(got, expected)
+    assert fused_grads[1][0, 0] == 0

@@ -548,11 +548,35 @@ class BayesianLayer(nn.Module):
 
 def normal_sample(mean: Tensor, var: Tensor) -> Tensor:
     """A draw of Normal(mean, var), elementwise: local reparameterization's output (``var`` may be overwritten)."""
-    # clamp, not add: no bias on the variance, and no infinite sqrt gradient where it is 0
-    tiny = torch.finfo(var.dtype).tiny
     if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
-        return var.clamp_min_(tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
-    return mean + var.clamp_min(tiny).sqrt() * torch.randn_like(mean)
+        return var.clamp_min_(torch.finfo(var.dtype).tiny).sqrt_().mul_(torch.randn_like(var)).add_(mean)
+    return _NormalSample.apply(mean, var)
+
+
+class _NormalSample(torch.autograd.Function):
+    """``mean + sqrt(var) ε``, ε ~ N(0, 1), with its gradient written out: d/dmean = 1, d/dvar =
+    ε / (2 sqrt(var)), 0 where var is 0. Training with local reparameterization makes it for every
+    layer's output: four activation-sized allocations in all, where autograd's graph of clamp,
+    sqrt, multiply and add takes about nine. The variance is clamped at the smallest normal
+    number, not shifted (no bias), so that the gradient stays finite where it is 0."""
+
+    @staticmethod
+    def forward(ctx: Any, mean: Tensor, var: Tensor) -> Tensor:
+        tiny = torch.finfo(var.dtype).tiny
+        std = var.clamp_min(tiny).sqrt_()
+        noise = torch.randn_like(std)
+        out = torch.addcmul(mean, std, noise)
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(noise.div_(std).mul_(0.5).masked_fill_(var < tiny, 0.0))  # ε / (2 sqrt(var))
+        ctx.shapes = mean.shape, var.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        mean_shape, var_shape = ctx.shapes
+        grad_mean = grad.sum_to_size(mean_shape) if ctx.needs_input_grad[0] else None
+        grad_var = (grad * ctx.saved_tensors[0]).sum_to_size(var_shape) if ctx.needs_input_grad[1] else None
+        return grad_mean, grad_var
 
 
 def random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
