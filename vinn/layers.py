@@ -634,7 +634,9 @@ def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
             def _op(self, input, weight, bias):
                 return my_package.my_linear(input, weight, bias)
 
-    A later registration for the same torch layer replaces the earlier one. Returns ``layer_type``.
+    A type that computes its forward itself instead of through ``_op`` declares
+    ``batched_draws = False``: `vinn.sample` then never has it draw weights on a folded batch. A
+    later registration for the same torch layer replaces the earlier one. Returns ``layer_type``.
     """
     if not (isinstance(layer_type, type) and issubclass(layer_type, BayesianLayer)):
         raise TypeError(f"layer_type must be a subclass of vinn.BayesianLayer, got {layer_type!r}")

@@ -320,7 +320,7 @@ def _chosen(model: nn.Module, batch: _Batch, layers: list[tuple[str, BayesianLay
     (`_Work.weights_cheaper`): drawing weights costs the same at any batch size, drawing outputs
     grows with it. Both are read from a forward pass, once per model and input shape
     (`_measure_work`). The costs are counted, not timed, so that the choice, and with it the
-    numbers a ``generator`` gives, is the same in every run. On an accelerator they were not
+    numbers a ``generator`` gives, is the same in every run on as many threads. On an accelerator they were not
     measured: every layer that can draws outputs. In train mode nothing is measured (the pass would
     update batch-norm statistics): a layer that cannot draw outputs makes it T passes.
     """
@@ -429,8 +429,9 @@ def sample(
     - None (default): each layer the cheaper way for this batch: drawing weights costs the same
       for 1 example as for 1000, drawing outputs grows with the batch. Counted once per model and
       input shape by a forward pass at the posterior loc (which also checks that each layer's input
-      has the batch outermost), not timed: the choice is the same in every run, on a CPU; on an
-      accelerator, and in train mode, every layer that can draws outputs. Layers that cannot draw
+      has the batch outermost), not timed: on a CPU the choice is the same in every run on as many
+      threads (``torch.get_num_threads()``); on an accelerator, and in train mode, every layer that
+      can draws outputs. Layers that cannot draw
       outputs (a posterior other than Normal, estimator ``"sample"`` or ``"flipout"``) draw weights.
 
     Either way each example's T outputs are the same independent draws of its predictive
