@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -160,14 +161,21 @@ def bench_prediction(device: torch.device, repeats: int, batch: int, samples: in
     fns = {
         "deterministic": deterministic_passes(det, x, samples),
         "full": lambda: vinn.predict(full, x, samples=samples),
+        **{f"full, {draw}": partial(vinn.predict, full, x, samples=samples, draw=draw) for draw in vinn.prediction.DRAWS},
         "last": lambda: vinn.predict(last, x, samples=samples),
         "two passes": deterministic_passes(doubled, folded, 1),
         "weight draws": lambda: torch.randn(samples * weights, device=device),
     }
     medians = interleaved_medians(fns, repeats, device)
     reference = f"{samples} deterministic passes"
+    draws = [
+        (f"vinn.predict, bayesify(resnet18), T={samples}, batch {batch}, every layer draw={draw!r} / {reference}",
+         medians[f"full, {draw}"] / medians["deterministic"])
+        for draw in vinn.prediction.DRAWS
+    ]
     return [
         (f"vinn.predict, bayesify(resnet18), T={samples}, batch {batch} / {reference}", medians["full"] / medians["deterministic"]),
+        *draws,
         (f"vinn.predict, last layer Bayesian, T={samples}, batch {batch} / {reference}", medians["last"] / medians["deterministic"]),
         (f"floor: one pass of resnet18 with every conv and linear computed twice on the folded batch of {samples}x{batch} / {reference}",
          medians["two passes"] / medians["deterministic"]),

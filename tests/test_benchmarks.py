@@ -35,7 +35,7 @@ def test_benchmark_command_prints_every_row():
         capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.endswith("× |")]
-    assert len(rows) == 13, result.stdout
+    assert len(rows) == 15, result.stdout
     assert any(row.startswith("| floor: train step") for row in rows)
     assert sum(row.startswith("| floor: ") for row in rows) == 3
 

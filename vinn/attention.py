@@ -73,6 +73,7 @@ class MultiheadAttention(BayesianLayer, nn.MultiheadAttention):
     """
 
     parameter_names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")
+    batched_draws = False  # a forward of its own
     out_proj: OutProjection
 
     def __init__(self, *args: Any, prior: PriorArgument = None, **kwargs: Any) -> None:

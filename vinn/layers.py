@@ -46,7 +46,7 @@ from .distributions import (
     with_leaves,
 )
 from .priors import PriorSpec
-from .sampling import sampling_enabled
+from .sampling import sampling_enabled, weight_draws_of
 from .sharding import full_tensor, gathered, replicated_like
 from .validation import one_of, real
 
@@ -85,6 +85,8 @@ class BayesianLayer(nn.Module):
     direction) makes ``parameter_names`` a property of the instance and overrides
     `parameter_names_of`, which gives them for its torch layer too. ``estimators`` lists the
     estimators its op allows, the default for a posterior being the first that suits it.
+    ``batched_draws`` says whether the base's forward computes the layer, and so can evaluate a
+    batch folded from T samples with one weight draw per sample (`vinn.sample`).
     """
 
     _torch_cls: ClassVar[type[nn.Module]]
@@ -98,6 +100,8 @@ class BayesianLayer(nn.Module):
     # True: ``posterior=vinn.MatrixNormal`` works, as ``op(x, W, b)`` is ``x Wᵀ + b`` for one
     # (out, in) matrix W (an F.linear), the form its local reparameterization needs
     matrix_normal: ClassVar[bool] = False
+    # False for a type with a forward of its own, which `weight_draws` would not reach
+    batched_draws: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -440,11 +444,18 @@ class BayesianLayer(nn.Module):
         - ``"flipout"`` (Wen et al. 2018, symmetric posteriors): one draw of the perturbation
           ``Δw = w - loc``, decorrelated across examples by random signs on the input and output
           features. Two passes.
+
+        Whatever the estimator, inside `vinn.sampling.weight_draws` naming this layer (as
+        `vinn.sample` sets it) the input is a batch folded from T samples, and each sample's rows
+        get a weight draw of their own (`_forward_weight_draws`).
         """
         input = self._linear_input(input)
         locs = [getattr(self, name) for name in self.parameter_names]
         if not sampling_enabled():
             return self._op(input, *locs, *args, **kwargs)
+        samples = weight_draws_of(self)
+        if samples:
+            return self._forward_weight_draws(input, samples, *args, **kwargs)
         if self.estimator == "lrt":
             return normal_sample(self._op(input, *locs, *args, **kwargs), self._variance(input, *args, **kwargs))
         if self.estimator == "flipout":
@@ -458,8 +469,27 @@ class BayesianLayer(nn.Module):
         """A reparameterized draw of the parameter ``name`` (None for an absent bias)."""
         if is_normal(self.posterior) and getattr(self, name) is not None:
             return normal_draw(getattr(self, name), getattr(self, f"{name}_log_sigma2"))  # the common case, fused
-        posterior = self._posterior(name)
-        return None if posterior is None else posterior.rsample()
+        return draw(self._posterior(name))
+
+    def _forward_weight_draws(self, input: Tensor, samples: int, *args: Any, **kwargs: Any) -> Tensor:
+        """``samples`` blocks of ``input`` (``samples * rows``, ...), each computed with a weight draw of
+        its own: ``op`` once per block, so that one draw at a time is in memory and each op has a
+        full batch of rows (on a CPU faster than one grouped convolution of all the draws)."""
+        if input.dim() == 0 or input.shape[0] % samples:
+            raise ValueError(
+                f"{type(self).__name__} was to draw {samples} weight sets for a batch folded from {samples} samples, "
+                f"but its input has shape {tuple(input.shape)}: the batch must be its first dimension (batch-first, or "
+                "flattened with the batch outermost); use vinn.sample(..., draw='outputs') for this model"
+            )
+        # the posteriors once: their scales are computed once for all the draws
+        posteriors = [self._posterior(name) for name in self.parameter_names]
+        blocks = [self._op(block, *map(draw, posteriors), *args, **kwargs) for block in input.unflatten(0, (samples, -1))]
+        return torch.cat(blocks)
+
+    def _multiply_adds(self, output: Tensor) -> int:
+        """The multiply-adds of the ``op`` that gave ``output``: each output element sums ``fan_in``
+        products (what `vinn.sample` weighs against drawing the weights)."""
+        return output.numel() * self.fan_in
 
     def _linear_input(self, input: Tensor) -> Tensor:
         """What `_op` is linear in: the input itself, or for a normalization layer the normalized input
@@ -546,6 +576,15 @@ class BayesianLayer(nn.Module):
         return ", ".join(filter(None, (super().extra_repr(), bayesian)))
 
 
+def draw(posterior: Distribution | None) -> Tensor | None:
+    """A reparameterized draw of ``posterior`` (None for a missing parameter)."""
+    if posterior is None:
+        return None
+    if type(posterior) is Normal and not torch.is_grad_enabled():  # prediction: one buffer, the same numbers
+        return torch.randn_like(posterior.loc).mul_(posterior.scale).add_(posterior.loc)
+    return posterior.rsample()
+
+
 def normal_sample(mean: Tensor, var: Tensor) -> Tensor:
     """A draw of Normal(mean, var), elementwise: local reparameterization's output (``var`` may be overwritten)."""
     if not torch.is_grad_enabled():  # prediction: reuse the buffers, activations are large
@@ -628,7 +667,9 @@ def register_layer(layer_type: type[BayesianLayer]) -> type[BayesianLayer]:
             def _op(self, input, weight, bias):
                 return my_package.my_linear(input, weight, bias)
 
-    A later registration for the same torch layer replaces the earlier one. Returns ``layer_type``.
+    A type that computes its forward itself instead of through ``_op`` declares
+    ``batched_draws = False``: `vinn.sample` then never has it draw weights on a folded batch. A
+    later registration for the same torch layer replaces the earlier one. Returns ``layer_type``.
     """
     if not (isinstance(layer_type, type) and issubclass(layer_type, BayesianLayer)):
         raise TypeError(f"layer_type must be a subclass of vinn.BayesianLayer, got {layer_type!r}")
@@ -786,6 +827,11 @@ class _ConvTransposeNd(BayesianLayer):
     output_dim = 1  # weight (in_channels, out_channels / groups, *kernel_size)
     _functional: ClassVar[Callable[..., Tensor]]
 
+    def _multiply_adds(self, output: Tensor) -> int:
+        # each input element meets a kernel of (out_channels / groups) weights: per output element,
+        # fan_in = in_channels * kernel products shared out over the groups and the stride's positions
+        return output.numel() * self.fan_in // (self.groups * math.prod(self.stride))
+
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None, output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims, self.dilation
@@ -832,6 +878,8 @@ class Embedding(BayesianLayer, nn.Embedding):
     parameter_names = ("weight",)
     output_dim = 1  # weight (num_embeddings, embedding_dim): the output units are the features
     estimators = ("lrt", "sample")
+    # a weight draw per sample is the whole table, for the few rows a batch looks up
+    batched_draws = False
     fan_in = 1  # a lookup reads one row
 
     def _op(self, input: Tensor, weight: Tensor) -> Tensor:

@@ -57,6 +57,7 @@ class BayesianParameter(BayesianLayer):
 
     parameter_names = ("weight",)
     estimators = ("sample",)
+    batched_draws = False  # drawn where the parametrized module reads it, not on a batch
 
     def __init__(
         self,

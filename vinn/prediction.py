@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import weakref
+from collections import defaultdict
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import validation
 from .layers import BayesianLayer
-from .sampling import sampling_enabled, seeded
+from .sampling import deterministic, preserved_rng, sampling_enabled, seeded, weight_draws
 
 # Largest output of one operation in a folded forward pass, in elements, when no chunk_size is
 # given; peak memory is a small multiple of it. On a CPU, passes whose activations stay within a
@@ -25,6 +26,19 @@ from .sampling import sampling_enabled, seeded
 # launches, and 512 MB of float32 activation keeps ImageNet-sized convnets within a few GB.
 _AUTO_CHUNK_ELEMENTS_CPU = 1 << 24
 _AUTO_CHUNK_ELEMENTS_ACCELERATOR = 1 << 27
+
+# What vinn.sample weighs, in seconds on a CPU, measured on an AMD EPYC with torch 2.14: a multiply-add
+# of a convolution or matmul on one thread (25 to 40 G a second), a normal number drawn and scaled
+# into a weight or a pre-activation (5 to 9 ns: torch draws them in one thread, whatever
+# torch.get_num_threads()), and the calls that draw one sample's weights of a layer and apply them
+# to its rows (Python and dispatch). The layers of ResNet-18 on a batch of 64 images of 32x32 on
+# one thread choose alike for a normal number anywhere from 3 to 9 ns.
+_MULTIPLY_ADD_SECONDS = 1 / 30e9
+_NORMAL_SECONDS = 7e-9
+_WEIGHT_DRAW_CALL_SECONDS = 20e-6
+
+DRAWS = ("outputs", "weights")
+_ACCEPTED_DRAW = "None (vinn chooses for each layer), 'outputs' or 'weights'"
 
 _ACCEPTED_X = "a batched torch.Tensor (N, ...), a tuple of them or a mapping of names to them (all batch-first)"
 
@@ -170,10 +184,6 @@ def _draws_random_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     return not (values.get("dropout_p", None) == 0 or values.get("train", None) is False)
 
 
-def _per_example_noise(model: nn.Module) -> bool:
-    return all(m.per_example_noise for m in model.modules() if isinstance(m, BayesianLayer))
-
-
 # -- the shared trunk of a torch.fx model -------------------------------------------------------
 
 
@@ -296,13 +306,15 @@ _heads: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], bool]] = wea
 
 def _head_samples(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None) -> Any | None:
     """``samples`` draws of a model whose only vinn layer computes its output last, from one pass of
-    the model and ``samples - 1`` more of that layer alone; None for any other model.
+    the model at the posterior loc and ``samples`` of that layer alone; None for any other model.
 
     The fast path that `_shared_trunk` gives a torch.fx graph, for a model that is no graph (a
     transformers model, which bayesify converts by walking its module tree): forward hooks see the
     layer's input and output in one pass, and a `_Watch` checks that nothing random ran before the
     layer and nothing at all after it, so that every other output is deterministic and the layer's
-    output is what the model returns. The layer's input must be batch-first (N, ...).
+    output is what the model returns. The layer's input must be batch-first (N, ...). That pass
+    draws nothing (it runs at the loc, and leaves the RNG as it was): whether the path is taken
+    does not change which numbers the samples are drawn from.
     """
     layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
     inner = {id(sub) for layer in layers for sub in layer.modules() if sub is not layer}
@@ -312,7 +324,7 @@ def _head_samples(model: nn.Module, batch: _Batch, samples: int, chunk_size: int
     if len(heads) != 1 or (known is not None and known[0] == key and not known[1]):
         return None
     head, seen, n = heads[0], _HeadCall(), batch.size
-    with _Watch() as watch:
+    with deterministic(), preserved_rng(batch.tensors()[0].device), _Watch() as watch:
 
         def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             seen.calls, seen.random_before, seen.args, seen.kwargs = seen.calls + 1, watch.random, args, kwargs
@@ -344,14 +356,11 @@ def _head_samples(model: nn.Module, batch: _Batch, samples: int, chunk_size: int
     if not usable:  # the pass is lost, once per model: the verdict is kept
         return None
     head_batch = _Batch(seen.args, seen.kwargs)
-    rest = samples - 1
     if not head.per_example_noise:
-        draws = [seen.output] + [head_batch(head) for _ in range(rest)]
+        draws = [head_batch(head) for _ in range(samples)]
     else:
         per_pass = chunk_size or max(1, _chunk_budget(seen.output) // max(1, seen.output.numel()))
-        draws = [seen.output] + [
-            head_batch.folded(min(per_pass, rest - start))(head) for start in range(0, rest, per_pass)
-        ]
+        draws = [head_batch.folded(min(per_pass, samples - start))(head) for start in range(0, samples, per_pass)]
     stacked = torch.cat(draws).reshape(samples, *seen.output.shape)
 
     def repeated(leaves: list[Tensor], path: str) -> Tensor:
@@ -359,6 +368,130 @@ def _head_samples(model: nn.Module, batch: _Batch, samples: int, chunk_size: int
         return stacked if leaf is seen.output else _split(leaf, 1, n).expand(samples, *leaf.shape)
 
     return _map_outputs(repeated, [first])
+
+
+# -- what each vinn layer draws on the folded batch: its outputs or its weights -------------------
+
+
+def _bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, BayesianLayer)]
+
+
+def _forced(draw: str, layers: list[tuple[str, BayesianLayer]]) -> frozenset[BayesianLayer]:
+    """The layers that draw weights when ``draw`` says what every layer draws; ValueError if one cannot."""
+    for name, layer in layers:
+        which = f"{name or 'the model'} ({type(layer).__name__})"
+        if draw == "outputs" and not layer.per_example_noise:
+            raise ValueError(
+                f"draw='outputs' needs every vinn layer to draw its outputs for each example (estimator='lrt'), but {which} "
+                f"has estimator={layer.estimator!r}: pass draw='weights' or None"
+            )
+        if draw == "weights" and not layer.batched_draws:
+            raise ValueError(
+                f"draw='weights' needs every vinn layer to compute a folded batch with a weight draw per sample, which "
+                f"{which} cannot (it has a forward of its own): pass draw='outputs' or None"
+            )
+    return frozenset(layer for _, layer in layers) if draw == "weights" else frozenset()
+
+
+@dataclasses.dataclass
+class _Work:
+    """What a vinn layer computes and draws for one sample in a forward pass (`_measure_work`)."""
+
+    calls: int = 0
+    multiply_adds: int = 0
+    outputs: int = 0  # the normal numbers that drawing outputs draws: one per output element
+    weights: int = 0  # those that drawing weights draws: one per weight and call
+    sample_major: bool = True  # every input of the layer had the samples of the folded batch outermost
+
+    def weights_cheaper(self, threads: int) -> bool:
+        """Whether drawing weights costs less than drawing outputs on a CPU running ``threads``
+        threads: both compute the op once, drawing outputs a second time (the variance)."""
+        weights = self.weights * _NORMAL_SECONDS + self.calls * _WEIGHT_DRAW_CALL_SECONDS
+        outputs = self.multiply_adds * _MULTIPLY_ADD_SECONDS / threads + self.outputs * _NORMAL_SECONDS
+        return self.sample_major and weights < outputs
+
+
+# model -> {(its modules, the batch's shapes and dtypes, device): the work of its layers}: measured
+# once, by a forward pass; a module replaced in the model is measured again
+_works: weakref.WeakKeyDictionary[nn.Module, dict[object, dict[BayesianLayer, _Work]]] = weakref.WeakKeyDictionary()
+
+
+def _chosen(model: nn.Module, batch: _Batch, layers: list[tuple[str, BayesianLayer]]) -> frozenset[BayesianLayer] | None:
+    """The layers that draw weights when vinn chooses, or None where T passes must be run instead.
+
+    The layers that cannot draw outputs for each example draw weights, if they can and their input
+    has the batch outermost; on a CPU, so do those for which weights cost less at this batch
+    (`_Work.weights_cheaper`): drawing weights costs the same at any batch size, drawing outputs
+    grows with it. Both are read from a forward pass, once per model and input shape
+    (`_measure_work`). The costs are counted, not timed, so that the choice, and with it the
+    numbers a ``generator`` gives, is the same in every run on as many threads. On an accelerator they were not
+    measured: every layer that can draws outputs. In train mode nothing is measured (the pass would
+    update batch-norm statistics): a layer that cannot draw outputs makes it T passes.
+    """
+    must = frozenset(layer for _, layer in layers if not layer.per_example_noise)
+    if not sampling_enabled():  # every layer computes with its posterior loc
+        return frozenset()
+    if not all(layer.batched_draws for layer in must):
+        return None
+    device = batch.tensors()[0].device
+    if any(m.training for m in model.modules()) or (device.type != "cpu" and not must):
+        return None if must else frozenset()
+    key = (tuple(map(id, model.modules())), tuple((v.shape, v.dtype) for v in batch.tensors()), tuple(batch.kwargs), device)
+    cached = _works.setdefault(model, {})
+    if key not in cached:
+        cached[key] = _measure_work(model, batch, [layer for _, layer in layers if layer.batched_draws])
+    work = cached[key]
+    if not all(work[layer].sample_major for layer in must if layer in work):
+        return None
+    if device.type != "cpu":
+        return must
+    threads = torch.get_num_threads()
+    return must | frozenset(layer for layer, entry in work.items() if entry.weights_cheaper(threads))
+
+
+def _measure_work(model: nn.Module, batch: _Batch, layers: list[BayesianLayer]) -> dict[BayesianLayer, _Work]:
+    """The `_Work` of each of ``layers`` for one sample of ``batch``, counted by hooks in a forward pass
+    at the posterior loc on the batch folded from two samples.
+
+    The two samples being equal, a layer whose input has them outermost, as drawing weights needs
+    (batch-first, or flattened with the batch outermost), sees two equal halves; one whose input is
+    sequence-first, (L, 2N, ...), does not. Random operations of the pass (dropout) leave the random
+    numbers drawn after it as they would have been.
+    """
+    work: defaultdict[BayesianLayer, _Work] = defaultdict(_Work)
+
+    def record(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        assert isinstance(layer, BayesianLayer)
+        entry = work[layer]
+        entry.calls += 1
+        entry.multiply_adds += layer._multiply_adds(output) // 2
+        entry.outputs += output.numel() // 2
+        entry.weights += sum(loc.numel() for loc in layer.random_parameters().values())
+        entry.sample_major = entry.sample_major and bool(args) and isinstance(args[0], Tensor) and _equal_halves(args[0])
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    try:
+        with deterministic(), preserved_rng(batch.tensors()[0].device):
+            batch.folded(2)(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(work)
+
+
+def _equal_halves(x: Tensor) -> bool:
+    """Whether the two halves of ``x`` along its first dimension are equal, up to rounding: equal rows
+    computed at other places of a batch may round differently."""
+    if x.dim() == 0 or x.shape[0] % 2 or x.numel() == 0:
+        return False
+    first, second = x.unflatten(0, (2, -1))
+    if not x.is_floating_point():
+        return torch.equal(first, second)
+    return bool((first - second).abs().max() <= 1e-3 * first.abs().max())
+
+
+# -- vinn.sample and vinn.predict ----------------------------------------------------------------
 
 
 def _device(model: nn.Module) -> torch.device | None:
@@ -376,6 +509,7 @@ def sample(
     *,
     chunk_size: int | None = None,
     generator: torch.Generator | int | None = None,
+    draw: str | None = None,
 ) -> Any:
     """Outputs of ``samples`` sampled forward passes: shape (T, N, ...), T = ``samples``.
 
@@ -387,13 +521,34 @@ def sample(
     batch-first, one row per example (ValueError otherwise).
 
     Each of the T outputs of every example is an independent draw of the predictive distribution.
-    When every vinn layer draws fresh noise per example (Normal posterior, local
-    reparameterization), the T passes are folded into the batch and run as
-    ``ceil(T / chunk_size)`` forward passes of ``chunk_size * N`` rows; otherwise each pass draws
-    its own weights, T passes in all. ``chunk_size`` (samples per pass) bounds the working set;
-    by default a first pass of one sample measures the largest output of any operation, and the
-    other passes are sized so that it stays within about 16M elements on a CPU, 128M on an
-    accelerator: memory stays bounded however wide the model's activations are.
+    The T samples are folded into the batch and run as ``ceil(T / chunk_size)`` forward passes of
+    ``chunk_size * N`` rows, in which every vinn layer draws one of two ways, as ``draw`` says:
+
+    - ``"outputs"``: fresh noise for every output element of every row (local reparameterization,
+      estimator ``"lrt"``): the examples are independent within a sample too. The op computed
+      twice (mean and variance), noise as large as the activations.
+    - ``"weights"``: a weight draw per sample, shared by the sample's N examples (each sample is
+      the output of one network drawn from the posterior), any posterior and estimator. The op
+      computed once per sample on its N rows, T draws of the weights. The layers' inputs must have
+      the batch as their first dimension (or outermost in it).
+    - None (default): each layer the cheaper way for this batch: drawing weights costs the same
+      for 1 example as for 1000, drawing outputs grows with the batch. Counted once per model and
+      input shape by a forward pass at the posterior loc (which also checks that each layer's input
+      has the batch outermost), not timed: on a CPU the choice is the same in every run on as many
+      threads (``torch.get_num_threads()``); on an accelerator, and in train mode, every layer that
+      can draws outputs. Layers that cannot draw
+      outputs (a posterior other than Normal, estimator ``"sample"`` or ``"flipout"``) draw weights.
+
+    Either way each example's T outputs are the same independent draws of its predictive
+    distribution; only how the examples of one sample relate differs. A model with a layer that can
+    do neither (a recurrent layer or attention with estimator ``"sample"`` or ``"flipout"``, a
+    `vinn.BayesianParameter`) runs T passes of N rows instead, each drawing its own weights; a
+    ``draw`` that a layer cannot follow is a ValueError naming it.
+
+    ``chunk_size`` (samples per pass) bounds the working set; by default a first pass of one
+    sample measures the largest output of any operation, and the other passes are sized so that
+    it stays within about 16M elements on a CPU, 128M on an accelerator: memory stays bounded
+    however wide the model's activations are.
 
     For a torch.fx model in eval mode (what `vinn.bayesify` returns) called with positional
     inputs, the deterministic trunk before the first random operation runs once on the N examples
@@ -412,17 +567,20 @@ def sample(
     ``generator`` (a `torch.Generator` or an int seed) makes the draws reproducible without
     touching the global RNG: the same generator state gives the same samples, and the global
     state after the call is what it was before (see `vinn.sampling.seeded`). Without it the
-    global RNG is used, as by any torch layer.
+    global RNG is used, as by any torch layer. Choosing how to draw draws nothing: a first call
+    gives the numbers a later one gives.
     """
     validation.module(model)
     batch = _batch(x)
     samples = validation.integer(samples, "samples", what="forward passes")
     chunk_size = validation.optional_integer(chunk_size, "chunk_size", what="samples per forward pass")
+    if draw is not None and draw not in DRAWS:
+        raise (validation.wrong_value if isinstance(draw, str) else validation.wrong_type)("draw", _ACCEPTED_DRAW, draw)
     device = _device(model)
     if device is not None:
         batch = batch.map(lambda v: v.to(device))
     with seeded(generator, batch.tensors()[0].device):
-        return _sample(model, batch, samples, chunk_size)
+        return _sample(model, batch, samples, chunk_size, draw)
 
 
 def _chunk_budget(tensor: Tensor) -> int:
@@ -430,8 +588,10 @@ def _chunk_budget(tensor: Tensor) -> int:
     return _AUTO_CHUNK_ELEMENTS_CPU if tensor.device.type == "cpu" else _AUTO_CHUNK_ELEMENTS_ACCELERATOR
 
 
-def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None) -> Any:
+def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None, draw: str | None) -> Any:
     n = batch.size
+    layers = _bayesian_layers(model)
+    drawing = None if draw is None else _forced(draw, layers)
     # In eval mode, the computation before the first sampling is shared by all samples: for a
     # torch.fx graph (as bayesify makes) the trunk before the first sampling node, when the values
     # it hands on are batch-first tensors; for any other model whose only vinn layer computes its
@@ -440,26 +600,40 @@ def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | Non
     # fully_shard gathers the parameters in them).
     hooked = bool(model._forward_pre_hooks or model._forward_hooks)
     evaluating = not any(m.training for m in model.modules())
-    if evaluating and not hooked and not isinstance(model, torch.fx.GraphModule):
+    if draw is None and evaluating and not hooked and not isinstance(model, torch.fx.GraphModule):
         drawn = _head_samples(model, batch, samples, chunk_size)
         if drawn is not None:
             return drawn
-    if not _per_example_noise(model):
-        return _cat([_split(batch(model), 1, n) for _ in range(samples)])
     if isinstance(model, torch.fx.GraphModule) and not (batch.kwargs or hooked) and evaluating:
         found = _shared_trunk(model, batch.args)
         if found is not None and all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n for v in found[1]):
             model, batch = found[0], _Batch(tuple(found[1]), {})
+    if draw is None:
+        drawing = _chosen(model, batch, layers)
+    if drawing is None:
+        return _cat([_split(batch(model), 1, n) for _ in range(samples)])
+    return _folded(model, batch, samples, chunk_size, drawing)
+
+
+def _folded(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None, drawing: frozenset[BayesianLayer]) -> Any:
+    """The outputs of ``samples`` samples, computed on the batch folded ``chunk_size`` samples at a time,
+    ``drawing`` drawing weights and the other vinn layers outputs."""
+    n = batch.size
+
+    def folded(t: int) -> Any:
+        with weight_draws(t, drawing):
+            return _split(batch.folded(t)(model), t, n)
+
     chunks, done, per_pass = [], 0, chunk_size
     if per_pass is None:
         # one sample first, to see how large the activations of a sample are
         with _Watch() as watch:
-            chunks.append(_split(batch.folded(1)(model), 1, n))
+            chunks.append(folded(1))
         done = 1
         per_pass = max(1, _chunk_budget(batch.tensors()[0]) // max(1, watch.largest))
     for start in range(done, samples, per_pass):
         t = min(per_pass, samples - start)
-        chunks.append(_split(batch.folded(t)(model), t, n))
+        chunks.append(folded(t))
     return _cat(chunks)
 
 
@@ -470,6 +644,7 @@ def predict(
     *,
     chunk_size: int | None = None,
     generator: torch.Generator | int | None = None,
+    draw: str | None = None,
 ) -> Tensor:
     """Class probabilities of ``samples`` sampled forward passes: (T, N, C), softmax over classes.
 
@@ -479,10 +654,10 @@ def predict(
     logit per example, output (N,) or (N, 1, ...) as for ``nn.BCEWithLogitsLoss``, gets the
     sigmoid: (T, N, 2, ...) probabilities of classes 0 and 1. Logits that give NaN probabilities
     (NaN or +inf) raise ValueError. Feed the result to `vinn.uncertainty` or
-    `vinn.confidence_score`. See `sample` for inputs, batching, chunking, devices and
-    ``generator``.
+    `vinn.confidence_score`. See `sample` for inputs, batching, chunking, devices, ``generator``
+    and ``draw``.
     """
-    logits = _logits(sample(model, x, samples, chunk_size=chunk_size, generator=generator))
+    logits = _logits(sample(model, x, samples, chunk_size=chunk_size, generator=generator, draw=draw))
     if logits.dim() == 2:  # (T, N): one logit per example
         logits = logits.unsqueeze(2)
     if logits.shape[2] == 1:

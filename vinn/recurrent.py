@@ -78,6 +78,7 @@ class _RNNBase(BayesianLayer, nn.RNNBase):
     """
 
     estimators = ("sample", "flipout")  # no "lrt": not exact through a recurrence (module docstring)
+    batched_draws = False  # a forward of its own
     output_dim = 0  # every weight matrix is (gate units, input features)
 
     def __init__(self, *args: Any, estimator: str | None = None, **kwargs: Any) -> None:

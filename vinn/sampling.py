@@ -1,4 +1,5 @@
-"""Switching sampling off, `vinn.deterministic()`, and seeding it without touching the global RNG."""
+"""Switching sampling off, `vinn.deterministic()`, seeding it without touching the global RNG, and the
+context in which `vinn.sample` has layers draw weights for a folded batch, `weight_draws`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -20,6 +21,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 # to the asyncio task (each task runs in a copy of its creator's context), and torch.compile reads
 # it with a guard, recompiling for the other value.
 _depth: contextvars.ContextVar[int] = contextvars.ContextVar("vinn_deterministic_depth", default=0)
+
+
+# While `vinn.sample` runs a batch folded from T samples: T, and the vinn layers that compute it with
+# one weight draw per sample (see `weight_draws`).
+_weight_draws: contextvars.ContextVar[tuple[int, frozenset[object]]] = contextvars.ContextVar(
+    "vinn_weight_draws", default=(0, frozenset())
+)
 
 
 def sampling_enabled() -> bool:
@@ -63,6 +71,43 @@ class deterministic(_NoParamDecoratorContextManager):
 
 
 @contextlib.contextmanager
+def weight_draws(samples: int, layers: Collection[object]) -> Iterator[None]:
+    """Inside, each of ``layers`` takes its input as ``samples`` blocks of rows, the samples of a batch
+    folded sample-major as `vinn.sample` folds it ((samples * N, ...), or (samples * N * k, ...) with
+    the batch outermost), and computes every block with a weight draw of its own. Local to the
+    thread and to the asyncio task, as `deterministic`."""
+    token = _weight_draws.set((samples, frozenset(layers)))
+    try:
+        yield
+    finally:
+        _weight_draws.reset(token)
+
+
+def weight_draws_of(layer: object) -> int:
+    """How many blocks ``layer`` computes with a weight draw each (see `weight_draws`); 0 outside of them."""
+    samples, layers = _weight_draws.get()
+    return samples if layer in layers else 0
+
+
+def _accelerator(device: torch.device) -> tuple[Any, list[int]]:
+    """torch's module for ``device`` (``torch.cuda``, ...) and the device's index; (None, []) for the CPU."""
+    if device.type == "cpu":
+        return None, []
+    backend = getattr(torch, device.type)
+    return backend, [backend.current_device() if device.index is None else device.index]
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """The CPU's global RNG, and ``device``'s if it is an accelerator, restored on exit to their state on
+    entry: what is drawn inside leaves no trace on what is drawn after. Not thread-safe, as
+    `torch.random.fork_rng` that it uses."""
+    _, index = _accelerator(device)
+    with torch.random.fork_rng(devices=index, device_type=device.type if index else "cuda"):
+        yield
+
+
+@contextlib.contextmanager
 def seeded(generator: torch.Generator | int | None, device: torch.device) -> Iterator[None]:
     """Draws inside come from a stream seeded by ``generator``; the global RNG is restored on exit.
 
@@ -81,9 +126,8 @@ def seeded(generator: torch.Generator | int | None, device: torch.device) -> Ite
             raise wrong_type("generator", "a torch.Generator, an int seed or None", generator)
         generator = torch.Generator().manual_seed(integer(generator, "generator", minimum=0, what="a seed"))
     seed = int(torch.randint(1 << 62, (), generator=generator, device=generator.device))
-    backend = None if device.type == "cpu" else getattr(torch, device.type)
-    index = [] if backend is None else [backend.current_device() if device.index is None else device.index]
-    with torch.random.fork_rng(devices=index, device_type=device.type if index else "cuda"):
+    backend, index = _accelerator(device)
+    with preserved_rng(device):
         torch.random.default_generator.manual_seed(seed)
         if backend is not None:
             with backend.device(index[0]):
