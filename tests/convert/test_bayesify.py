@@ -275,7 +275,7 @@ def test_a_layer_whose_parameters_forward_reads_is_drawn_whole():
     report = {layer.name: layer for layer in bnn.conversion_report.layers}
     assert all(layer.converted and layer.drawn_whole for layer in report.values())
     assert report["passed"].parameters == 8 and bnn.conversion_report.bayesian_parameters == 14
-    assert "passed Linear 8 yes, its parameters drawn whole (read directly in forward)" in {
+    assert "passed Linear 8 yes, its parameters drawn whole" in {
         " ".join(line.split()) for line in str(bnn.conversion_report).splitlines()
     }
     assert "parametrizations" in repr(bnn)
@@ -406,12 +406,12 @@ def test_a_layer_called_twice_is_one_bayesian_layer():
     assert_same_outputs(bnn, model, torch.randn(3, 4))
 
 
-def test_subclasses_unused_layers_direct_reads_and_vinn_layers_are_kept():
+def test_subclasses_and_direct_reads_are_drawn_whole_unused_layers_and_vinn_layers_kept():
     torch.manual_seed(0)
     model = Oddities()
     bnn = vinn.bayesify(model)
     assert reasons(bnn) == {
-        "scaled": "unsupported type ScaledLinear (subclass of nn.Linear; exact types only)",
+        "scaled": None,  # a subclass: its weight and bias drawn whole
         "unused": "never called in forward",
         "peeked": None,  # drawn whole
         "bayesian": "already a vinn layer",
@@ -422,6 +422,12 @@ def test_subclasses_unused_layers_direct_reads_and_vinn_layers_are_kept():
     # the vinn layer inside was not traced into: it still samples, and only inside forward
     with torch.no_grad():
         assert not torch.equal(bnn(x), bnn(x))
+    # the subclass's own forward (2 x F.linear) runs on drawn parameters: its rows share one draw
+    scaled = vinn.bayesify(model, vinn.BayesConfig().set_global(None).set_type(nn.Linear, vinn.LayerSpec(init_scale=0.1)))
+    assert {layer.name for layer in scaled.conversion_report.converted} == {"scaled", "peeked", "plain"}
+    assert isinstance(scaled.scaled.parametrizations.weight[0], vinn.BayesianParameter)
+    with torch.no_grad():
+        assert not torch.equal(scaled(x), scaled(x))
 
 
 def test_the_input_model_is_unchanged():
@@ -457,21 +463,21 @@ def test_report_is_data_and_prints_readably(capsys):
     report = bnn.conversion_report
     assert printed.strip() == str(report)
     lines = str(report).splitlines()
-    assert lines[0] == "bayesify: 2 of 5 layers Bayesian (traced by torch.fx)"
+    assert lines[0] == "bayesify: 3 of 5 layers Bayesian (traced by torch.fx)"
     assert lines[1].split() == ["layer", "type", "parameters", "Bayesian"]
     assert any(line.startswith("unused ") and line.endswith("no: never called in forward") for line in lines)
-    assert lines[-1].startswith("Bayesian parameters: 30 of ")
-    assert report.bayesian_parameters == 30 and [layer.name for layer in report.converted] == ["peeked", "plain"]
-    assert len(report.kept) == 3
+    assert lines[-1].startswith("Bayesian parameters: 50 of ")
+    assert report.bayesian_parameters == 50 and [layer.name for layer in report.converted] == ["scaled", "peeked", "plain"]
+    assert len(report.kept) == 2
     as_data = dataclasses.asdict(report)
     assert as_data["layers"][0] == {
         "name": "scaled",
         "kind": "ScaledLinear",
         "parameters": 20,
-        "converted": False,
-        "reason": "unsupported type ScaledLinear (subclass of nn.Linear; exact types only)",
+        "converted": True,
+        "reason": None,
         "shared_with": None,
-        "drawn_whole": False,
+        "drawn_whole": True,
     }
     assert pickle.loads(pickle.dumps(report)) == report
     assert vinn.bayesify(Oddities()).conversion_report == report  # nothing printed without verbose

@@ -50,7 +50,7 @@ from ..layers import BayesianLayer, InitScale, layer_types
 from ..module import Module
 from ..parametrization import BayesianParameter, bayesian_parametrizations
 from ..priors import PriorSpec
-from .config import CONVERTED_INIT_SCALE, BayesConfig, LayerSpec, layer_type_name
+from .config import CONVERTED_INIT_SCALE, BayesConfig, LayerSpec
 from .models import BayesianGraphModule, bayesian_subclass, copy_hooks, has_hooks, user_class
 from .report import ConversionReport, LayerReport
 from .transformer import CALLS_SUBMODULES, keep_sampling, restore
@@ -116,9 +116,10 @@ class _Candidate:
     call: Node | None = None  # the functional call node, for a functional call
     spec: LayerSpec | None = None  # how it becomes Bayesian, once decided
     parameter: nn.Parameter | None = None  # for a parameter: the parameter itself
-    # a module whose parameters forward reads itself (never calling it, or not only): converted by
-    # making each of them a BayesianParameter, drawn whole
-    read_directly: bool = False
+    # a module that vinn cannot replace by a vinn layer, but whose parameters it can make Bayesian:
+    # forward reads them itself (not only by calling the module), or the module is a subclass of a
+    # supported type whose forward vinn does not know; each becomes a BayesianParameter, drawn whole
+    drawn_whole: bool = False
     # tied weights: attribute -> (the earlier layer whose posterior it shares, that layer's attribute)
     shares: dict[str, tuple[_Candidate, str]] = field(default_factory=dict)
 
@@ -150,11 +151,12 @@ def bayesify(
     are refused (TypeError): convert the Python model before scripting it.
 
     How: torch.fx traces ``model``, and every call of a module of exactly a supported type is
-    converted (a subclass, which may compute something else, is kept), as is every
+    converted, as is every
     ``F.linear`` / ``F.conv1d/2d/3d`` call whose weight and bias are parameters of the model used
     by that call alone. The result is then a `BayesianGraphModule`. A layer whose parameters
     ``forward`` reads itself (torchvision's Swin passes its attention's ``qkv.weight`` to a
-    function) is made Bayesian by weight sampling: each parameter becomes a
+    function), and a subclass of a supported type (which may compute something else: timm's
+    ``ScaledStdConv2d``), are made Bayesian by weight sampling: each parameter becomes a
     `vinn.BayesianParameter`, drawn whole wherever it is read. Kept deterministic, and
     reported: layers inside a torch.nn module that reads their weights directly (the ``out_proj``
     of an ``nn.MultiheadAttention`` kept deterministic), layers never called in ``forward``,
@@ -239,7 +241,7 @@ def bayesify(
             UserWarning,
             stacklevel=2,
         )
-    modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.layer is not None and c.call is None and not c.read_directly}
+    modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.layer is not None and c.call is None and not c.drawn_whole}
     _tie(converted, modules)
     _replace_modules(bnn, modules)
     for candidate in converted:
@@ -247,7 +249,7 @@ def bayesify(
             _replace_functional_call(bnn, candidate, _bayesian_layer(candidate))
     _converted_with_their_owner(bnn, candidates)
     keep_sampling(bnn)
-    named = [c for c in converted if c.parameter is not None] + [p for c in converted if c.read_directly for p in _drawn_whole(c)]
+    named = [c for c in converted if c.parameter is not None] + [p for c in converted if c.drawn_whole for p in _drawn_whole(c)]
     random_parameters = [(c, _bayesian_parameter(c)) for c in named]
     if isinstance(bnn, BayesianGraphModule):
         for candidate, parametrization in random_parameters:
@@ -273,7 +275,7 @@ def bayesify(
             LayerReport(
                 c.name, c.kind, c.parameters, converted=c.spec is not None, reason=c.reason,
                 shared_with=", ".join(_qualified(source.name, name) for source, name in c.shares.values()) or None,
-                drawn_whole=c.read_directly and c.spec is not None,
+                drawn_whole=c.drawn_whole and c.spec is not None,
             )
             for c in candidates + parameters
         ),
@@ -410,11 +412,12 @@ def _graph_candidates(root: nn.Module, usage: _Usage) -> list[_Candidate]:
     for name, module in root.named_modules():
         if isinstance(module, supported):
             reads = [position for target, position in read.items() if target.startswith(f"{name}.")]
-            reason = _module_reason(name, module, leaves, tied if reads else untieable, hooked)
+            drawn_whole = bool(reads) or type(module) not in layer_types()
+            reason = _module_reason(name, module, leaves, tied if drawn_whole else untieable, hooked)
             if reason is None and not reads and name not in called:
                 reason = "never called in forward"
             candidate = _module_candidate(name, module, min(reads + [called.get(name, len(graph.nodes))]), reason)
-            candidate.read_directly = bool(reads)
+            candidate.drawn_whole = drawn_whole
             candidates.append(candidate)
     parameters = dict(root.named_parameters())
     functional: dict[str, _Candidate] = {}  # by weight name: a weight used by several calls is one entry
@@ -435,13 +438,16 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
         if name and tracer.is_leaf_module(module, name)
         and not (isinstance(module, _CONTAINERS) or type(module) in CALLS_SUBMODULES)
     }
-    untieable = _untieable(root, _tied_parameters(root))
-    supported = tuple(layer_types())
-    return [
-        _module_candidate(name, module, position, _module_reason(name, module, leaves, untieable))
-        for position, (name, module) in enumerate(root.named_modules())
-        if isinstance(module, supported)
-    ]
+    tied = _tied_parameters(root)
+    untieable = _untieable(root, tied)
+    candidates = []
+    for position, (name, module) in enumerate(root.named_modules()):
+        if isinstance(module, tuple(layer_types())):
+            subclass = type(module) not in layer_types()  # drawn whole: see _Candidate.drawn_whole
+            candidate = _module_candidate(name, module, position, _module_reason(name, module, leaves, tied if subclass else untieable))
+            candidate.drawn_whole = subclass
+            candidates.append(candidate)
+    return candidates
 
 
 def _add_called_submodules(module: nn.Module, name: str, position: int, called: dict[str, int]) -> None:
@@ -456,9 +462,14 @@ def _add_called_submodules(module: nn.Module, name: str, position: int, called: 
         _add_called_submodules(child, qualified, position, called)
 
 
+def _vinn_type(module: nn.Module) -> type[BayesianLayer]:
+    """The vinn layer type of ``module``: its type's, or for a subclass its first supported base's."""
+    supported = layer_types()
+    return supported[next(t for t in type(module).__mro__ if t in supported)]
+
+
 def _module_candidate(name: str, module: nn.Module, order: int, reason: str | None) -> _Candidate:
-    vinn_type = next(layer for t, layer in layer_types().items() if isinstance(module, t))
-    parameters = _numel(p for n in vinn_type.parameter_names_of(module) if (p := getattr(module, n, None)) is not None)
+    parameters = _numel(p for n in _vinn_type(module).parameter_names_of(module) if (p := getattr(module, n, None)) is not None)
     return _Candidate(name, type(module).__name__, parameters, order, reason, layer=module)
 
 
@@ -477,11 +488,7 @@ def _module_reason(
         if hooked.get(leaf):
             return f"inside {leaf}, called whole so that its hooks keep running"
         return f"read directly by leaf module {leaf}"
-    supported = layer_types()
-    if type(module) not in supported:
-        base = next(t for t in type(module).__mro__ if t in supported)
-        return f"unsupported type {type(module).__name__} (subclass of {layer_type_name(base)}; exact types only)"
-    names = supported[type(module)].parameter_names_of(module)
+    names = _vinn_type(module).parameter_names_of(module)
     if all(getattr(module, attribute, None) is None for attribute in names):
         return f"no {' or '.join(names)} to make Bayesian"
     for attribute in names:
@@ -577,8 +584,8 @@ def _decide(candidates: list[_Candidate], config: BayesConfig, last: int | None)
             spec, rule = config.spec_for(candidate.name, type(candidate.layer))
             if spec is None:
                 candidate.reason = f"excluded by config ({rule})"
-            elif candidate.read_directly and spec.posterior is MatrixNormal:
-                spec, candidate.reason = None, "parameters read directly in forward, which vinn.MatrixNormal cannot draw whole"
+            elif candidate.drawn_whole and spec.posterior is MatrixNormal:
+                spec, candidate.reason = None, "vinn.MatrixNormal cannot draw a parameter whole, which this layer needs (see the docs of vinn.bayesify)"
             candidate.spec = spec
     selected = sorted((c for c in candidates if c.spec is not None), key=lambda c: c.order)
     if last is not None:
@@ -594,7 +601,7 @@ def _share_tied(candidates: list[_Candidate]) -> None:
     one tensor cannot be random for one reader and fixed for another. A layer that shares no longer
     counts the shared elements among its ``parameters`` (they are its source's).
     """
-    layers = sorted((c for c in candidates if c.layer is not None and c.call is None and not c.read_directly), key=lambda c: c.order)
+    layers = sorted((c for c in candidates if c.layer is not None and c.call is None and not c.drawn_whole), key=lambda c: c.order)
     holders: dict[int, tuple[_Candidate, str]] = {}  # tensor -> the first layer holding it, and its attribute
     groups: dict[int, set[_Candidate]] = {id(c): {c} for c in layers}  # layer -> the layers tied to it
     for candidate in layers:
@@ -751,7 +758,7 @@ def _drawn_whole(layer: _Candidate) -> list[_Candidate]:
     with the layer's spec (weight sampling: a parameter read by other code has no input to reparameterize)."""
     assert layer.layer is not None and layer.spec is not None
     spec = dataclasses.replace(layer.spec, estimator=None)
-    names = layer_types()[type(layer.layer)].parameter_names_of(layer.layer)
+    names = _vinn_type(layer.layer).parameter_names_of(layer.layer)
     return [
         _Candidate(_qualified(layer.name, name), "Parameter", parameter.numel(), layer.order, None, spec=spec, parameter=parameter)
         for name in names

@@ -149,7 +149,8 @@ class BayesConfig:
     def spec_for(self, name: str, module_type: type[nn.Module]) -> tuple[LayerSpec | None, str]:
         """The spec of the layer ``name`` of type ``module_type``, and the rule that chose it.
 
-        The rule is ``"global"``, ``"type Conv2d"`` or ``"name 'features.*'"``. The global spec does
+        The rule is ``"global"``, ``"type Conv2d"`` or ``"name 'features.*'"``. A subclass of a
+        supported type (timm's ``ScaledStdConv2d``) follows the rules of that type. The global spec does
         not apply to the opt-in types (normalization layers: ``converted_by_default`` False): they
         are converted where a type or name rule matches them, and otherwise kept, the rule then
         saying so.
@@ -157,9 +158,11 @@ class BayesConfig:
         for pattern in reversed(self._by_name):
             if fnmatch.fnmatchcase(name, pattern):
                 return self._by_name[pattern], f"name {pattern!r}"
+        supported = layer_types()
+        module_type = next(t for t in module_type.__mro__ if t in supported)
         if module_type in self._by_type:
             return self._by_type[module_type], f"type {module_type.__name__}"
-        if not layer_types()[module_type].converted_by_default:
+        if not supported[module_type].converted_by_default:
             return None, "opt-in type: name it with set_type or set_name"
         return self._global, "global"
 
@@ -176,7 +179,9 @@ class BayesConfig:
         pairs) nor, for a pattern that addresses parameters, any of ``parameters`` (qualified names),
         as readable strings: most likely a typo in a pattern, or a type the model lacks."""
         parameters = list(parameters)
-        unused = [f"set_type({layer_type_name(t)}, ...)" for t in self._by_type if all(t is not kind for _, kind in layers)]
+        unused = [
+            f"set_type({layer_type_name(t)}, ...)" for t in self._by_type if not any(kind is not None and issubclass(kind, t) for _, kind in layers)
+        ]
         unused += [
             f"set_name({pattern!r}, ...)"
             for pattern in self._by_name

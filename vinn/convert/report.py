@@ -27,11 +27,12 @@ class LayerReport:
     - ``shared_with``: for a converted layer whose weight is tied to an earlier converted layer's,
       the qualified name of that weight there (``"transformer.wte.weight"``): the two share one
       posterior, that layer's. None otherwise.
-    - ``drawn_whole``: for a converted layer that ``forward`` does not call but whose parameters it
-      reads itself (torchvision's Swin passes its attention's ``qkv.weight`` to a function): True,
-      its weight and bias became `vinn.BayesianParameter` parametrizations, drawn whole by weight
-      sampling wherever they are read (its module stays the torch.nn layer, its keys are
-      ``parametrize``'s). False otherwise.
+    - ``drawn_whole``: True for a converted layer that vinn could not replace by a vinn layer:
+      ``forward`` reads its parameters itself (torchvision's Swin passes its attention's
+      ``qkv.weight`` to a function), or it is a subclass of a supported type with a ``forward``
+      of its own (timm's ``ScaledStdConv2d`` standardizes its weight). Its weight and bias became
+      `vinn.BayesianParameter` parametrizations, drawn whole by weight sampling wherever they are
+      read; the module stays what it was, its keys are ``parametrize``'s. False otherwise.
     """
 
     name: str
@@ -114,5 +115,5 @@ def _bayesian_cell(layer: LayerReport) -> str:
     if not layer.converted:
         return f"no: {layer.reason}"
     if layer.drawn_whole:
-        return "yes, its parameters drawn whole (read directly in forward)"
+        return "yes, its parameters drawn whole"
     return "yes" if layer.shared_with is None else f"yes, sharing the posterior of {layer.shared_with}"
