@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping, MutableMapping
@@ -98,11 +99,11 @@ def _batch(x: object) -> _Batch:
 
 def _map_outputs(fn: Callable[[list[Tensor], str], Tensor], trees: list[Any], path: str = "output") -> Any:
     """The structure of ``trees[0]`` with each tensor leaf ``fn(leaves, path)``, ``leaves`` that
-    leaf in every tree; None leaves stay None."""
+    leaf in every tree; None leaves stay None, and so become transformers' KV caches (`_is_cache`)."""
     first = trees[0]
     if isinstance(first, Tensor):
         return fn(trees, path)
-    if first is None:
+    if first is None or _is_cache(first):
         return None
     if isinstance(first, tuple) and hasattr(first, "_fields"):  # a namedtuple
         return type(first)(*(_map_outputs(fn, [t[i] for t in trees], f"{path}.{f}") for i, f in enumerate(first._fields)))
@@ -123,6 +124,13 @@ def _map_outputs(fn: Callable[[list[Tensor], str], Tensor], trees: list[Any], pa
         path, "a tensor or a tuple, list, dict, namedtuple or dataclass of tensors (None kept)", first,
         "vinn.sample stacks the tensors of T forward passes",
     )
+
+
+def _is_cache(value: object) -> bool:
+    """Whether ``value`` is a transformers KV cache (what a causal LM returns in eval mode): the keys
+    and values one pass computed, for generating from, of a folded batch; no sample of anything."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    return cache_utils is not None and isinstance(value, cache_utils.Cache)
 
 
 def _split(y: Any, samples: int, n: int) -> Any:
@@ -516,7 +524,9 @@ def sample(
     ``x`` is a batch: a tensor (N, ...) (``model(x)``), a tuple of tensors (``model(*x)``) or a
     mapping of names to tensors (``model(**x)``, a tokenizer's batch), all batch-first with the
     same N, moved to the model's device. The model's output may be a tensor or any nesting of
-    tuples, lists, dicts, namedtuples and dataclasses of tensors (None entries kept): the result
+    tuples, lists, dicts, namedtuples and dataclasses of tensors (None entries kept; a transformers KV
+    cache, which a causal LM returns in eval mode, becomes None: it is the state of one pass of the
+    folded batch for generating, no sample): the result
     has the same structure, each tensor (N, ...) becoming (T, N, ...). Every output tensor must be
     batch-first, one row per example (ValueError otherwise).
 
