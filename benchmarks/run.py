@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import vinn  # noqa: E402
 
 ESTIMATORS = ("lrt", "flipout", "sample")
+DATASET_SIZE = 50_000  # the N of the ELBO's KL weight 1 / N in the training steps (CIFAR-10's)
 
 
 def synchronize(device: torch.device) -> None:
@@ -54,12 +55,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, devi
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bayesian: bool, compiled: bool = False) -> Callable[[], None]:
     """forward + (KL) + backward + Adam, as in a training loop; with ``compiled``, forward and loss
     (the KL included) go through ``torch.compile(fullgraph=True)``."""
+    loss_fn = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=DATASET_SIZE) if bayesian else nn.CrossEntropyLoss()
+    return adam_step(model, lambda: loss_fn(model(x), y), compiled)
+
+
+def adam_step(model: nn.Module, loss: Callable[[], torch.Tensor], compiled: bool = False) -> Callable[[], None]:
+    """``loss()`` + backward + Adam on every parameter of ``model``; ``compiled`` as for `train_step`."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=50_000) if bayesian else nn.CrossEntropyLoss()
-
-    def loss() -> torch.Tensor:
-        return loss_fn(model(x), y)
-
     if compiled:
         loss = torch.compile(loss, fullgraph=True)
 
@@ -94,11 +96,16 @@ class TwoPass(nn.Module):
 
 def two_pass(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose every Conv2d and Linear is a `TwoPass`."""
+    return replaced(model, TwoPass)
+
+
+def replaced(model: nn.Module, replace: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """A copy of ``model`` whose every Conv2d and Linear ``layer`` is ``replace(layer)``."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) in (nn.Conv2d, nn.Linear):
-                setattr(parent, name, TwoPass(child))
+                setattr(parent, name, replace(child))
     return model
 
 
@@ -195,34 +202,47 @@ def bench_memory_and_conversion(device: torch.device, repeats: int) -> list[tupl
     return rows
 
 
-def mlp(estimator: str, device: torch.device) -> nn.Module:
-    layers = [vinn.Linear(784, 400, estimator=estimator), nn.ReLU(), vinn.Linear(400, 400, estimator=estimator), nn.ReLU()]
-    return nn.Sequential(*layers, vinn.Linear(400, 10, estimator=estimator)).to(device)
+GRADIENT_SCALE = 0.05  # the posterior scale of the gradient-variance rows: one at which the noise matters, as after some training
+GRADIENT_DATASET_SIZE = 60_000  # their ELBO's N (MNIST's)
+
+
+def gradient_problem(device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The deterministic MLP 784-400-400-10 of the gradient-variance rows and its fixed batch of 128: (model, x, y)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 784, device=device), torch.randint(0, 10, (128,), device=device)
+    model = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10))
+    return model.to(device), x, y
+
+
+def gradient_variance(
+    model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], locs: list[torch.Tensor],
+    x: torch.Tensor, y: torch.Tensor, draws: int,
+) -> float:
+    """Variance of the gradient of ``loss_fn(model(x), y)`` w.r.t. ``locs`` over ``draws`` passes, averaged over their elements."""
+    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(loss_fn(model(x), y), locs)]) for _ in range(draws)]
+    return torch.stack(grads).var(0).mean().item()
+
+
+def vinn_gradient_variances(device: torch.device, draws: int) -> dict[str, float]:
+    """Variance of the minibatch ELBO gradient w.r.t. the posterior weight locs, over fresh noise only, per estimator.
+
+    Same MLP, same parameters (the locs at the deterministic weights, every scale `GRADIENT_SCALE`),
+    same fixed batch for every estimator (`gradient_problem`): the only randomness is the estimator's.
+    """
+    det, x, y = gradient_problem(device)
+    variances = {}
+    for estimator in ESTIMATORS:
+        spec = vinn.LayerSpec(estimator=estimator, init_scale=GRADIENT_SCALE)
+        model = vinn.bayesify(det, config=vinn.BayesConfig().set_global(spec))
+        elbo = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=GRADIENT_DATASET_SIZE)
+        locs = [m.weight for m in model.modules() if isinstance(m, vinn.BayesianLayer)]
+        variances[estimator] = gradient_variance(model, elbo, locs, x, y, draws)
+    return variances
 
 
 def bench_gradient_variance(device: torch.device, draws: int) -> list[tuple[str, float]]:
-    """Variance of the minibatch ELBO gradient w.r.t. the posterior locs, over fresh noise only.
-
-    Same MLP (784-400-400-10), same parameters, same fixed batch of 128 for every estimator: the
-    only randomness is the estimator's. Reported per estimator as a multiple of the lowest.
-    """
-    torch.manual_seed(0)
-    x, y = torch.randn(128, 784, device=device), torch.randint(0, 10, (128,), device=device)
-    reference = mlp("lrt", device)
-    variances = {}
-    for estimator in ESTIMATORS:
-        model = mlp(estimator, device)
-        model.load_state_dict(reference.state_dict())
-        with torch.no_grad():
-            for layer in model:
-                if isinstance(layer, vinn.BayesianLayer):
-                    layer.reset_scale(0.05)  # a scale at which the noise matters, as after some training
-        elbo = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=60_000)
-        locs = [m.weight for m in model if isinstance(m, vinn.BayesianLayer)]
-        grads = []
-        for _ in range(draws):
-            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(elbo(model(x), y), locs)]))
-        variances[estimator] = torch.stack(grads).var(0).mean().item()
+    """`vinn_gradient_variances`, each as a multiple of the lowest."""
+    variances = vinn_gradient_variances(device, draws)
     lowest = min(variances.values())
     return [(f"ELBO gradient variance, MLP 784-400-400-10, batch 128, {name} (x lowest)", v / lowest) for name, v in variances.items()]
 

@@ -1,4 +1,4 @@
-"""The benchmark script runs, and its floor model is what it claims to be."""
+"""The benchmark scripts run, the floor model is what it claims to be and the peers start where vinn does."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("vinn_benchmarks_run", ROOT / "benchmarks" / "run.py")
 run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run)
+_spec = importlib.util.spec_from_file_location("vinn_benchmarks_peers", ROOT / "benchmarks" / "peers.py")
+peers = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = peers  # its dataclass looks its module up there
+_spec.loader.exec_module(peers)
 
 
 def test_two_pass_floor_doubles_every_conv_and_linear_and_their_parameters():
@@ -38,6 +42,51 @@ def test_benchmark_command_prints_every_row():
     assert len(rows) == 15, result.stdout
     assert any(row.startswith("| floor: train step") for row in rows)
     assert sum(row.startswith("| floor: ") for row in rows) == 3
+
+
+def test_every_installed_peer_starts_at_the_deterministic_weights_with_the_scale_asked():
+    torch.manual_seed(0)
+    det = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    x = torch.randn(6, 3, 5, 5)
+    linear, features = nn.Linear(100, 3), torch.randn(1, 100)
+    for name, (distribution, convert) in peers.PEERS.items():
+        if peers.installed(distribution) is None:
+            continue
+        variant = convert(det, 1e-5)
+        assert [tuple(loc.shape) for loc in variant.locs] == [(4, 3, 3, 3), (3, 100)], name
+        # locs and biases copied: the output moves by about 1e-5 * sqrt(75 or 100) per layer (1e-4 seen),
+        # against about 0.8 for the peer's own initialisation
+        torch.testing.assert_close(variant.model(x), det(x), atol=1e-3, rtol=0, msg=name)
+        assert torch.isfinite(variant.loss(1000)(variant.model(x), torch.tensor([0, 1, 2, 0, 1, 2]))).all(), name
+        # weight and bias drawn with scale s: Var(output) = s² (|x|² + 1) for each output; at s = 0.5
+        # a scale written in the wrong parametrization (softplus for exp) would give 0.66 of it
+        model = convert(nn.Sequential(linear), 0.5).model
+        draws = torch.cat([model(features) for _ in range(400)])
+        expected = 0.5**2 * (features.square().sum() + 1)
+        # 3 outputs x 400 draws: the relative standard error of the mean variance is sqrt(2 / 1200) = 4%
+        torch.testing.assert_close(draws.var(0).mean(), expected, rtol=0.16, atol=0, msg=name)
+
+
+def test_peer_rows_say_when_their_library_is_not_installed():
+    speeds = {"deterministic": (1.0, 1.0), peers.vinn_name("lrt"): (2.0, 1.5)}
+    text = peers.table(speeds, {peers.vinn_name("lrt"): 1.0}, samples=16)
+    assert "| vinn `bayesify`, lrt (default) | 2.00× | 1.50× | 1.00× |" in text
+    for name, (distribution, _) in peers.PEERS.items():
+        assert f"| {name} | {distribution} not installed | | |" in text
+
+
+@pytest.mark.slow
+def test_peers_benchmark_writes_every_row_into_its_readme_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- peers:start -->\nold\n<!-- peers:end -->\n")
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--quick", "--readme", str(readme)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    text = readme.read_text()
+    assert "old" not in text and "| deterministic ResNet-18 | 1.00× | 1.00× |  |" in text
+    for name in [peers.vinn_name(e) for e in run.ESTIMATORS] + list(peers.PEERS):
+        assert sum(line.startswith(f"| {name} | ") for line in text.splitlines()) == 1, (name, text)
 
 
 @pytest.mark.slow
