@@ -455,3 +455,17 @@ def test_attention_in_eval_mode_is_shared_trunk():
     bnn.get_submodule("encoder.layers.encoder_layer_0.self_attention").register_forward_hook(lambda *args: calls.append(1))
     vinn.predict(bnn, torch.randn(2, 3, 16, 16), samples=8)
     assert calls == [1]
+
+
+def test_a_causal_lm_kv_cache_is_no_sample():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=32)
+    torch.manual_seed(8)
+    with pytest.warns(UserWarning, match="could not trace"):
+        bnn = vinn.bayesify(transformers.LlamaForCausalLM(config).eval())
+    tokens = {"input_ids": torch.randint(0, 50, (3, 5)), "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+    with torch.no_grad():
+        assert bnn(**tokens).past_key_values is not None  # what the model returns in eval mode
+    out = vinn.sample(bnn, tokens, samples=4)
+    assert out.logits.shape == (4, 3, 5, 50) and out.past_key_values is None
