@@ -71,6 +71,11 @@ def transformers_models(quick: bool) -> dict[str, Callable[[], nn.Module]]:
             "DistilBERT": (classifier, lambda: transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000)),
             "Qwen2": (causal, lambda: transformers.Qwen2Config(**size, num_key_value_heads=2)),
             "ViT": (transformers.AutoModelForImageClassification, lambda: transformers.ViTConfig(**size, image_size=32, patch_size=8)),
+            "Gemma": (causal, lambda: transformers.GemmaConfig(**size, num_key_value_heads=2, head_dim=16)),
+            "BART": (classifier, lambda: transformers.BartConfig(
+                d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000,
+            )),
         }
     return {
         f"transformers {name} ({auto.__name__.removeprefix('AutoModelFor')})": (lambda auto=auto, make=make: auto.from_config(make()))

@@ -640,3 +640,42 @@ def test_frozen_parameters_stay_frozen():
     assert all(p.requires_grad for p in bnn.get_submodule("trunk.0.0").parameters())
     net = vinn.to_deterministic(bnn)
     assert not any(p.requires_grad for p in net.get_submodule("head").parameters())
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An nn.Embedding subclass with a forward of its own, as transformers' scaled word embeddings (BART, Gemma)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens) * 2.0
+
+
+class TiedScaled(nn.Module):
+    """Encoder and decoder embeddings and a head tied to one matrix, the embeddings subclasses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder_embed, self.decoder_embed = ScaledEmbedding(10, 4), ScaledEmbedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.decoder_embed.weight = self.head.weight = self.encoder_embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder_embed(tokens) + self.decoder_embed(tokens))
+
+
+def test_tied_layers_drawn_whole_share_one_bayesian_parameter():
+    torch.manual_seed(0)
+    model = TiedScaled()
+    bnn = vinn.bayesify(model, init_scale=0.1)
+    report = bnn.conversion_report
+    assert all(layer.converted and layer.drawn_whole for layer in report.layers)
+    assert report.bayesian_parameters == report.total_parameters == 40  # the matrix once
+    draws = [m for m in bnn.modules() if isinstance(m, vinn.BayesianParameter)]
+    assert len(draws) == 1 and torch.equal(bnn.kl, draws[0].kl)
+    tokens = torch.randint(0, 10, (3, 5))
+    assert_same_outputs(bnn, model, tokens)
+    with torch.no_grad():
+        assert not torch.equal(bnn(tokens), bnn(tokens))
+    net = vinn.to_deterministic(bnn)
+    assert net.head.weight is net.encoder_embed.weight and type(net.head) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(net(tokens), model(tokens))

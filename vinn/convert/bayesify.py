@@ -250,7 +250,11 @@ def bayesify(
     _converted_with_their_owner(bnn, candidates)
     keep_sampling(bnn)
     named = [c for c in converted if c.parameter is not None] + [p for c in converted if c.drawn_whole for p in _drawn_whole(c)]
-    random_parameters = [(c, _bayesian_parameter(c)) for c in named]
+    by_tensor: dict[int, BayesianParameter] = {}  # a tensor that tied layers drawn whole hold: one posterior
+    random_parameters = [
+        (c, by_tensor[id(c.parameter)] if id(c.parameter) in by_tensor else by_tensor.setdefault(id(c.parameter), _bayesian_parameter(c)))
+        for c in sorted(named, key=lambda c: c.order)
+    ]
     if isinstance(bnn, BayesianGraphModule):
         for candidate, parametrization in random_parameters:
             _parametrize_traced(bnn, candidate, parametrization, usage)
@@ -408,12 +412,18 @@ def _graph_candidates(root: nn.Module, usage: _Usage) -> list[_Candidate]:
     supported = tuple(layer_types())
     hooked = {name: has_hooks(module) for name, module in root.named_modules()}
     untieable = _untieable(root, tied)
+    # torch.fx reads a tensor by one of its names (a tied tensor by the first): where a module's
+    # parameters are read, by whatever name
+    read_at: dict[int, int] = {}
+    for target, position in read.items():
+        owner, _, attribute = target.rpartition(".")
+        read_at.setdefault(id(getattr(root.get_submodule(owner), attribute)), position)
     candidates = []
     for name, module in root.named_modules():
         if isinstance(module, supported):
-            reads = [position for target, position in read.items() if target.startswith(f"{name}.")]
+            reads = [read_at[id(p)] for p in module.parameters() if id(p) in read_at]
             drawn_whole = bool(reads) or type(module) not in layer_types()
-            reason = _module_reason(name, module, leaves, tied if drawn_whole else untieable, hooked)
+            reason = _module_reason(name, module, leaves, untieable, hooked)
             if reason is None and not reads and name not in called:
                 reason = "never called in forward"
             candidate = _module_candidate(name, module, min(reads + [called.get(name, len(graph.nodes))]), reason)
@@ -438,13 +448,12 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
         if name and tracer.is_leaf_module(module, name)
         and not (isinstance(module, _CONTAINERS) or type(module) in CALLS_SUBMODULES)
     }
-    tied = _tied_parameters(root)
-    untieable = _untieable(root, tied)
+    untieable = _untieable(root, _tied_parameters(root))
     candidates = []
     for position, (name, module) in enumerate(root.named_modules()):
         if isinstance(module, tuple(layer_types())):
             subclass = type(module) not in layer_types()  # drawn whole: see _Candidate.drawn_whole
-            candidate = _module_candidate(name, module, position, _module_reason(name, module, leaves, tied if subclass else untieable))
+            candidate = _module_candidate(name, module, position, _module_reason(name, module, leaves, untieable))
             candidate.drawn_whole = subclass
             candidates.append(candidate)
     return candidates
@@ -601,7 +610,7 @@ def _share_tied(candidates: list[_Candidate]) -> None:
     one tensor cannot be random for one reader and fixed for another. A layer that shares no longer
     counts the shared elements among its ``parameters`` (they are its source's).
     """
-    layers = sorted((c for c in candidates if c.layer is not None and c.call is None and not c.drawn_whole), key=lambda c: c.order)
+    layers = sorted((c for c in candidates if c.layer is not None and c.call is None), key=lambda c: c.order)
     holders: dict[int, tuple[_Candidate, str]] = {}  # tensor -> the first layer holding it, and its attribute
     groups: dict[int, set[_Candidate]] = {id(c): {c} for c in layers}  # layer -> the layers tied to it
     for candidate in layers:
@@ -614,10 +623,13 @@ def _share_tied(candidates: list[_Candidate]) -> None:
                     groups[id(member)] = merged
     for group in {id(g): g for g in groups.values() if len(g) > 1}.values():
         kept = next((member for member in sorted(group, key=lambda c: c.order) if member.spec is None), None)
+        drawn_whole = any(member.drawn_whole for member in group)
         for member in group:
             if kept is None:
                 shared = [_random_parameters(member.layer)[attribute] for attribute in member.shares]
                 member.parameters -= _numel(shared)
+                # one layer of the group drawn whole: all are, the tensor is one BayesianParameter
+                member.drawn_whole = drawn_whole
                 continue
             if member.spec is not None:
                 member.spec, member.reason = None, f"shared parameter (also {_tied_name(kept, member)}), which stays deterministic"
@@ -634,6 +646,8 @@ def _tied_name(holder: _Candidate, other: _Candidate) -> str:
 def _tie(candidates: list[_Candidate], layers: dict[int, BayesianLayer]) -> None:
     """Give every converted layer that shares a tensor (``candidate.shares``) its source layer's posterior."""
     for candidate in candidates:
+        if candidate.drawn_whole:  # its tied tensors are one BayesianParameter (see bayesify)
+            continue
         for attribute, (source, source_attribute) in candidate.shares.items():
             _share_posterior(layers[id(source.layer)], source_attribute, layers[id(candidate.layer)], attribute)
 
@@ -788,7 +802,10 @@ def _parametrize_traced(
     creates to hold its attributes (both rebuilt from their attributes when copied).
     """
     owner_name, _, attribute = candidate.name.rpartition(".")
-    owner = graph_module.get_submodule(owner_name)
+    try:
+        owner = graph_module.get_submodule(owner_name)
+    except AttributeError:  # a tied layer that the graph reads by another name: that name is parametrized
+        return
     if _leaf_ancestor(candidate.name, usage.called) is not None:
         parametrization.parametrize(owner, attribute)
     else:
@@ -885,12 +902,12 @@ def _tied_parameters(root: nn.Module) -> dict[str, list[str]]:
 def _untieable(root: nn.Module, tied: dict[str, list[str]]) -> dict[str, list[str]]:
     """The entries of ``tied`` that cannot share one posterior: a name of the tensor is no weight or
     bias of a layer of a type vinn converts (a module reads it some other way)."""
-    types = layer_types()
+    supported = tuple(layer_types())
     layer_parameters = {
         _qualified(name, attribute)
         for name, module in root.named_modules(remove_duplicate=False)
-        if type(module) in types
-        for attribute in types[type(module)].parameter_names_of(module)
+        if isinstance(module, supported)
+        for attribute in _vinn_type(module).parameter_names_of(module)
     }
     return {name: others for name, others in tied.items() if not layer_parameters.issuperset([name, *others])}
 
@@ -924,8 +941,7 @@ def _qualified(prefix: str, name: str) -> str:
 
 def _random_parameters(layer: nn.Module) -> dict[str, Tensor]:
     """The weight and bias (the parameters its vinn layer type makes random) of a Linear/Conv/... module, by attribute."""
-    vinn_type = next(bayesian for t, bayesian in layer_types().items() if isinstance(layer, t))
-    tensors = {name: getattr(layer, name, None) for name in vinn_type.parameter_names_of(layer)}
+    tensors = {name: getattr(layer, name, None) for name in _vinn_type(layer).parameter_names_of(layer)}
     return {name: tensor for name, tensor in tensors.items() if tensor is not None}
 
 
