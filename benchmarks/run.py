@@ -259,18 +259,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--quick", action="store_true", help="few repetitions: checks that everything runs")
+    parser.add_argument("--quick", action="store_true", help="one repetition on small batches: checks that everything runs")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (minutes of compiling)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    repeats = 2 if args.quick else args.repeats
+    # quick: one repetition on small batches, to check that every row runs
+    repeats, batch, predict_batch, samples = (1, 4, 4, 4) if args.quick else (args.repeats, 32, 64, 16)
     print(header(device))
     print()
     print("| measurement | ratio |")
     print("|---|---|")
     sections = [
-        lambda: bench_training(device, repeats, batch=32),
-        lambda: bench_prediction(device, repeats, batch=64, samples=16),
+        lambda: bench_training(device, repeats, batch=batch),
+        lambda: bench_prediction(device, repeats, batch=predict_batch, samples=samples),
         lambda: bench_memory_and_conversion(device, repeats),
         lambda: bench_gradient_variance(device, draws=10 if args.quick else 200),
     ]
