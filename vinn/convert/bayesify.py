@@ -250,11 +250,11 @@ def bayesify(
     _converted_with_their_owner(bnn, candidates)
     keep_sampling(bnn)
     named = [c for c in converted if c.parameter is not None] + [p for c in converted if c.drawn_whole for p in _drawn_whole(c)]
-    by_tensor: dict[int, BayesianParameter] = {}  # a tensor that tied layers drawn whole hold: one posterior
-    random_parameters = [
-        (c, by_tensor[id(c.parameter)] if id(c.parameter) in by_tensor else by_tensor.setdefault(id(c.parameter), _bayesian_parameter(c)))
-        for c in sorted(named, key=lambda c: c.order)
-    ]
+    by_tensor: dict[int, BayesianParameter] = {}  # one posterior per tensor, that tied layers drawn whole share
+    for candidate in sorted(named, key=lambda c: c.order):  # built from the first holder's spec
+        if id(candidate.parameter) not in by_tensor:
+            by_tensor[id(candidate.parameter)] = _bayesian_parameter(candidate)
+    random_parameters = [(c, by_tensor[id(c.parameter)]) for c in named]
     if isinstance(bnn, BayesianGraphModule):
         for candidate, parametrization in random_parameters:
             _parametrize_traced(bnn, candidate, parametrization, usage)
