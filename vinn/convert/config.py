@@ -123,7 +123,8 @@ class BayesConfig:
         return self
 
     def set_type(self, module_type: type[nn.Module], spec: LayerSpec | None) -> BayesConfig:
-        """The spec of every layer of exactly ``module_type`` (``nn.Linear``, ``nn.Conv2d``, ...)."""
+        """The spec of every layer of ``module_type`` (``nn.Linear``, ``nn.Conv2d``, ...), and of its
+        subclasses that have no vinn layer type of their own (`vinn.bayesify` draws those whole)."""
         if not isinstance(module_type, type):
             raise wrong_type("module_type", "a torch.nn layer class", module_type)
         supported = layer_types()
