@@ -278,7 +278,6 @@ class _NormalDraw(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor | None, Tensor], output: Tensor) -> None:
         loc, _ = inputs
-        ctx.centred = loc is None
         ctx.save_for_backward(output if loc is None else output - loc)
 
     @staticmethod

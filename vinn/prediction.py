@@ -312,7 +312,9 @@ class _HeadCall:
 _heads: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], bool]] = weakref.WeakKeyDictionary()
 
 
-def _head_samples(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None) -> Any | None:
+def _head_samples(
+    model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None, layers: list[tuple[str, BayesianLayer]]
+) -> Any | None:
     """``samples`` draws of a model whose only vinn layer computes its output last, from one pass of
     the model at the posterior loc and ``samples`` of that layer alone; None for any other model.
 
@@ -322,11 +324,11 @@ def _head_samples(model: nn.Module, batch: _Batch, samples: int, chunk_size: int
     layer and nothing at all after it, so that every other output is deterministic and the layer's
     output is what the model returns. The layer's input must be batch-first (N, ...). That pass
     draws nothing (it runs at the loc, and leaves the RNG as it was): whether the path is taken
-    does not change which numbers the samples are drawn from.
+    does not change which numbers the samples are drawn from. ``layers``: the model's vinn layers
+    (`_bayesian_layers`).
     """
-    layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
-    inner = {id(sub) for layer in layers for sub in layer.modules() if sub is not layer}
-    heads = [layer for layer in layers if id(layer) not in inner]
+    inner = {id(sub) for _, layer in layers for sub in layer.modules() if sub is not layer}
+    heads = [layer for _, layer in layers if id(layer) not in inner]
     key = tuple(map(id, model.modules()))
     known = _heads.get(model)
     if len(heads) != 1 or (known is not None and known[0] == key and not known[1]):
@@ -611,7 +613,7 @@ def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | Non
     hooked = bool(model._forward_pre_hooks or model._forward_hooks)
     evaluating = not any(m.training for m in model.modules())
     if draw is None and evaluating and not hooked and not isinstance(model, torch.fx.GraphModule):
-        drawn = _head_samples(model, batch, samples, chunk_size)
+        drawn = _head_samples(model, batch, samples, chunk_size, layers)
         if drawn is not None:
             return drawn
     if isinstance(model, torch.fx.GraphModule) and not (batch.kwargs or hooked) and evaluating:

@@ -422,13 +422,11 @@ def _graph_candidates(root: nn.Module, usage: _Usage) -> list[_Candidate]:
     for name, module in root.named_modules():
         if isinstance(module, supported):
             reads = [read_at[id(p)] for p in module.parameters() if id(p) in read_at]
-            drawn_whole = bool(reads) or type(module) not in layer_types()
             reason = _module_reason(name, module, leaves, untieable, hooked)
             if reason is None and not reads and name not in called:
                 reason = "never called in forward"
-            candidate = _module_candidate(name, module, min(reads + [called.get(name, len(graph.nodes))]), reason)
-            candidate.drawn_whole = drawn_whole
-            candidates.append(candidate)
+            order = min(reads + [called.get(name, len(graph.nodes))])
+            candidates.append(_module_candidate(name, module, order, reason, read_directly=bool(reads)))
     parameters = dict(root.named_parameters())
     functional: dict[str, _Candidate] = {}  # by weight name: a weight used by several calls is one entry
     for position, node in enumerate(graph.nodes):
@@ -449,14 +447,12 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
         and not (isinstance(module, _CONTAINERS) or type(module) in CALLS_SUBMODULES)
     }
     untieable = _untieable(root, _tied_parameters(root))
-    candidates = []
-    for position, (name, module) in enumerate(root.named_modules()):
-        if isinstance(module, tuple(layer_types())):
-            subclass = type(module) not in layer_types()  # drawn whole: see _Candidate.drawn_whole
-            candidate = _module_candidate(name, module, position, _module_reason(name, module, leaves, untieable))
-            candidate.drawn_whole = subclass
-            candidates.append(candidate)
-    return candidates
+    supported = tuple(layer_types())
+    return [
+        _module_candidate(name, module, position, _module_reason(name, module, leaves, untieable))
+        for position, (name, module) in enumerate(root.named_modules())
+        if isinstance(module, supported)
+    ]
 
 
 def _add_called_submodules(module: nn.Module, name: str, position: int, called: dict[str, int]) -> None:
@@ -477,9 +473,12 @@ def _vinn_type(module: nn.Module) -> type[BayesianLayer]:
     return supported[next(t for t in type(module).__mro__ if t in supported)]
 
 
-def _module_candidate(name: str, module: nn.Module, order: int, reason: str | None) -> _Candidate:
+def _module_candidate(name: str, module: nn.Module, order: int, reason: str | None, read_directly: bool = False) -> _Candidate:
+    """The module ``name`` as a candidate; drawn whole if ``forward`` reads its parameters itself
+    (``read_directly``) or it is a subclass of a supported type (see `_Candidate.drawn_whole`)."""
     parameters = _numel(p for n in _vinn_type(module).parameter_names_of(module) if (p := getattr(module, n, None)) is not None)
-    return _Candidate(name, type(module).__name__, parameters, order, reason, layer=module)
+    drawn_whole = read_directly or type(module) not in layer_types()
+    return _Candidate(name, type(module).__name__, parameters, order, reason, layer=module, drawn_whole=drawn_whole)
 
 
 def _module_reason(
