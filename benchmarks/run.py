@@ -26,6 +26,9 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from readme_blocks import rewrite_block  # noqa: E402
+
 import vinn  # noqa: E402
 
 ESTIMATORS = ("lrt", "flipout", "sample")
@@ -261,14 +264,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="one repetition on small batches: checks that everything runs")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (minutes of compiling)")
+    parser.add_argument("--readme", help="Markdown file whose run block gets the table (benchmarks/README.md)")
     args = parser.parse_args()
     device = torch.device(args.device)
     # quick: one repetition on small batches, to check that every row runs
     repeats, batch, predict_batch, samples = (1, 4, 4, 4) if args.quick else (args.repeats, 32, 64, 16)
-    print(header(device))
-    print()
-    print("| measurement | ratio |")
-    print("|---|---|")
+    lines = [header(device), "", "| measurement | ratio |", "|---|---|"]
+    print("\n".join(lines))
     sections = [
         lambda: bench_training(device, repeats, batch=batch),
         lambda: bench_prediction(device, repeats, batch=predict_batch, samples=samples),
@@ -279,7 +281,10 @@ def main() -> None:
         sections.append(lambda: bench_compile(device, repeats, batch=32))
     for section in sections:
         for name, ratio in section():
-            print(f"| {name} | {ratio:.2f}× |", flush=True)
+            lines.append(f"| {name} | {ratio:.2f}× |")
+            print(lines[-1], flush=True)
+    if args.readme is not None:
+        rewrite_block(Path(args.readme), "run", "\n".join(lines))
 
 
 if __name__ == "__main__":

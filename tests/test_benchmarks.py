@@ -33,15 +33,18 @@ def test_two_pass_floor_doubles_every_conv_and_linear_and_their_parameters():
 
 
 @pytest.mark.slow
-def test_benchmark_command_prints_every_row():
+def test_benchmark_command_prints_every_row_and_writes_them_into_its_readme_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- run:start -->\nold\n<!-- run:end -->\n")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-compile"],
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-compile", "--readme", str(readme)],
         capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.endswith("× |")]
     assert len(rows) == 15, result.stdout
     assert any(row.startswith("| floor: train step") for row in rows)
     assert sum(row.startswith("| floor: ") for row in rows) == 3
+    assert readme.read_text() == f"intro\n<!-- run:start -->\n{result.stdout.strip()}\n<!-- run:end -->\n"
 
 
 def test_every_installed_peer_starts_at_the_deterministic_weights_with_the_scale_asked():
