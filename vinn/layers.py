@@ -316,12 +316,14 @@ class BayesianLayer(nn.Module):
         log_sigma2 = {name: _initial_log_sigma2(init_scale, name, loc) for name, loc in self.random_parameters().items()}
         self.init_scale = init_scale
         if self._matrix_normal:
-            # each row's mean variance, the columns' covariance the identity
-            log_sigma2["weight"] = log_sigma2["weight"].logsumexp(1, keepdim=True) - math.log(self.weight.shape[1])
+            # each row's mean variance (a constant's is itself), the columns' covariance the identity
+            if isinstance(log_sigma2["weight"], Tensor):
+                log_sigma2["weight"] = log_sigma2["weight"].logsumexp(1, keepdim=True) - math.log(self.weight.shape[1])
             self.weight_column_log_sigma2.zero_()
             self.weight_column_tril.zero_()
         for name, value in log_sigma2.items():
-            getattr(self, f"{name}_log_sigma2").copy_(value)
+            parameter = getattr(self, f"{name}_log_sigma2")
+            parameter.fill_(value) if isinstance(value, float) else parameter.copy_(value)
         for name in log_sigma2:
             self._fit_prior(name)
 
@@ -699,10 +701,11 @@ def layer_types() -> dict[type[nn.Module], type[BayesianLayer]]:
 _LIBRARY_LAYERS = {"transformers": "vinn.huggingface", "timm": "vinn.timm_layers"}
 
 
-def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> Tensor:
-    """log σ² for every element of the parameter ``name`` (loc ``loc``) from ``init_scale``, checked."""
+def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> float | Tensor:
+    """log σ² for every element of the parameter ``name`` (loc ``loc``) from ``init_scale``, checked:
+    one number for a float ``init_scale`` (filled in, without a parameter-sized temporary)."""
     if not callable(init_scale):  # a float, checked by _check_init_scale
-        return torch.full_like(loc, 2 * math.log(init_scale))
+        return 2 * math.log(init_scale)
     scale = torch.as_tensor(init_scale(loc.detach()), dtype=loc.dtype, device=loc.device)
     if scale.shape != loc.shape and torch.broadcast_shapes(scale.shape, loc.shape) != loc.shape:
         raise ValueError(f"init_scale gave shape {tuple(scale.shape)} for {name} of shape {tuple(loc.shape)}")
