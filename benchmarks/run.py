@@ -41,16 +41,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each function, run round-robin ``repeats`` times after one warm-up each,
-    each run after a garbage collection (a converted model is freed by the collector: collecting
-    it inside the next timed run charged its cost to whichever function ran then)."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, collect: bool = False
+) -> dict[str, float]:
+    """Median seconds of each function, run round-robin ``repeats`` times after one warm-up each;
+    with ``collect``, each run after a garbage collection (for functions that leave cyclic garbage,
+    such as a converted model: collecting it inside a later timed run charges its cost to whichever
+    function runs then)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            gc.collect()
+            if collect:
+                gc.collect()
             synchronize(device)
             start = time.perf_counter()
             fn()
@@ -218,7 +222,7 @@ def bench_memory_and_conversion(device: torch.device, repeats: int) -> list[tupl
     rows = [("parameters + buffers, bayesify(resnet18) / resnet18", numel(vinn.bayesify(det)) / numel(det))]
     resnet50 = torchvision.models.resnet50().to(device)
     medians = interleaved_medians(
-        {"deepcopy": lambda: copy.deepcopy(resnet50), "bayesify": lambda: vinn.bayesify(resnet50)}, repeats, device
+        {"deepcopy": lambda: copy.deepcopy(resnet50), "bayesify": lambda: vinn.bayesify(resnet50)}, repeats, device, collect=True
     )
     rows.append(("time of bayesify(resnet50) / copy.deepcopy(resnet50)", medians["bayesify"] / medians["deepcopy"]))
     return rows
