@@ -323,7 +323,10 @@ class BayesianLayer(nn.Module):
             self.weight_column_tril.zero_()
         for name, value in log_sigma2.items():
             parameter = getattr(self, f"{name}_log_sigma2")
-            parameter.fill_(value) if isinstance(value, float) else parameter.copy_(value)
+            if isinstance(value, float):
+                parameter.fill_(value)
+            else:
+                parameter.copy_(value)
         for name in log_sigma2:
             self._fit_prior(name)
 
