@@ -237,7 +237,7 @@ def test_bad_ece_arguments():
         expected_calibration_error(probs, labels, n_bins=2.5)
     with pytest.raises(ValueError, match=r"labels must have shape \(N,\) = \(4,\).*got \(3,\)"):
         expected_calibration_error(probs, labels[:3])
-    with pytest.raises(TypeError, match="labels must hold integer class indices"):
+    with pytest.raises(TypeError, match=r"labels of shape \(N,\) must hold integer class indices"):
         expected_calibration_error(probs, labels.astype(float))
     with pytest.raises(TypeError, match="labels must be a numpy array or torch tensor"):
         expected_calibration_error(probs, [0, 0, 0, 0])
@@ -288,6 +288,27 @@ def test_auroc_matches_sklearn():
     expected = roc_auc_score(np.r_[np.ones(300), np.zeros(200)], np.r_[scores_in, scores_out])
     assert auroc(scores_in, scores_out) == pytest.approx(expected, abs=1e-12)
     assert auroc(torch.tensor(scores_in), torch.tensor(scores_out)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_label_distributions_give_the_expected_ece_and_brier_score():
+    torch.manual_seed(0)
+    p = torch.softmax(3 * torch.randn(8, 50, 4, dtype=torch.float64), -1)
+    labels = torch.randint(0, 4, (50,))
+    onehot = torch.nn.functional.one_hot(labels, 4).double()
+    assert expected_calibration_error(p, onehot) == expected_calibration_error(p, labels)
+    assert brier_score(p, onehot) == pytest.approx(brier_score(p, labels), abs=1e-12)
+    # labels flipped to another class with probability 0.2: the expectation over every label draw
+    q = 0.8 * onehot + 0.2 / 3 * (1 - onehot)
+    outcomes = torch.arange(4)
+    expected_brier = sum(q[i, c] * brier_score(p[:, i : i + 1], outcomes[c : c + 1]) for i in range(50) for c in range(4)) / 50
+    assert brier_score(p, q) == pytest.approx(float(expected_brier), abs=1e-12)
+    # one bin: |expected accuracy - confidence|, each prediction right with the probability q gives its class
+    flat = torch.tensor([[0.9, 0.1], [0.9, 0.1]], dtype=torch.float64)
+    assert expected_calibration_error(flat, torch.tensor([[0.8, 0.2], [0.6, 0.4]]), n_bins=1) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="labels must sum to 1"):
+        expected_calibration_error(flat, torch.tensor([[0.8, 0.8], [0.6, 0.4]]))
+    with pytest.raises(TypeError, match="labels must hold floating-point probabilities"):
+        brier_score(flat, torch.tensor([[1, 0], [0, 1]]))
 
 
 def test_bad_brier_and_auroc_arguments():

@@ -161,21 +161,25 @@ def _metric_dtype(t: Tensor) -> torch.dtype:
 
 def _mean_probabilities_and_labels(probs: object, labels: object) -> tuple[Tensor, Tensor]:
     """Validated ``probs`` as ``(N, C)`` (averaged over ``T`` if given ``(T, N, C)``), detached, and
-    ``labels`` ``(N,)`` integer class indices on the same device."""
+    ``labels`` as the ``(N, C)`` distribution of each example's label, on the same device: one-hot
+    for ``(N,)`` integer class indices, as given for ``(N, C)`` label probabilities."""
     t, _ = _probabilities(probs, "probs", ranks=(2, 3))
     if t.ndim == 3:
         t = t.mean(0)
     y, _ = _tensor(labels, "labels")
     n, c = t.shape
+    if y.shape == (n, c):  # a distribution over the labels (noisy or soft labels)
+        q, _ = _probabilities(labels, "labels", ranks=(2,))
+        return t.detach(), q.detach().to(device=t.device, dtype=t.dtype)
     if y.shape != (n,):
-        raise ValueError(f"labels must have shape (N,) = ({n},) to match probs, got {tuple(y.shape)}")
+        raise ValueError(f"labels must have shape (N,) = ({n},) or (N, C) = ({n}, {c}) to match probs, got {tuple(y.shape)}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"labels must hold integer class indices, got dtype {y.dtype}")
+        raise TypeError(f"labels of shape (N,) must hold integer class indices, got dtype {y.dtype}")
     y = y.to(t.device)
     if y.min() < 0 or y.max() >= c:
         low, high = y.min().item(), y.max().item()
         raise ValueError(f"labels must be class indices in [0, {c}), got values in [{low}, {high}]")
-    return t.detach(), y  # metrics are returned as floats: no graph to keep
+    return t.detach(), F.one_hot(y.long(), c).to(t.dtype)  # metrics are returned as floats: no graph to keep
 
 
 # Guo et al. 2017's choice; the reliability diagram (vinn.plot) bins the same way by default
@@ -190,18 +194,21 @@ def expected_calibration_error(probs: Array, labels: Array, n_bins: int = ECE_BI
     in bin ``b``. A fraction in ``[0, 1]``.
 
     ``probs``: ``(N, C)`` predictive probabilities, or ``(T, N, C)`` samples averaged over ``T``.
-    ``labels``: ``(N,)`` integer class indices.
+    ``labels``: ``(N,)`` integer class indices, or ``(N, C)`` the probability of each class being
+    the label (noisy or soft labels): ``acc_b`` is then the expected accuracy, each prediction
+    counting the probability that its class is the label.
     """
     n_bins = integer(n_bins, "n_bins")
-    t, y = _mean_probabilities_and_labels(probs, labels)
-    n = len(y)
+    t, q = _mean_probabilities_and_labels(probs, labels)
+    n = len(q)
     confidence, predicted = t.max(1)
     dtype = _metric_dtype(t)
     confidence = confidence.to(dtype)
+    correct = q.gather(1, predicted.unsqueeze(1)).squeeze(1).to(dtype)
     edges = torch.arange(1, n_bins, dtype=dtype, device=t.device) / n_bins
     bins = torch.bucketize(confidence, edges)  # edges[b-1] < confidence <= edges[b]
     zeros = torch.zeros(n_bins, dtype=dtype, device=t.device)
-    gap = zeros.index_add(0, bins, (predicted == y).to(dtype)) - zeros.index_add(0, bins, confidence)
+    gap = zeros.index_add(0, bins, correct) - zeros.index_add(0, bins, confidence)
     # (n_b / N) |acc_b - conf_b| = |Σ_b correct - Σ_b confidence| / N, with no 0/0 for empty bins
     return float(gap.abs().sum() / n)
 
@@ -210,12 +217,14 @@ def brier_score(probs: Array, labels: Array) -> float:
     """Brier score ``mean_N Σ_c (p_c - onehot(y)_c)²``, in ``[0, 2]``; lower is better (Brier 1950).
 
     ``probs``: ``(N, C)`` predictive probabilities, or ``(T, N, C)`` samples averaged over ``T``
-    first. ``labels``: ``(N,)`` integer class indices.
+    first. ``labels``: ``(N,)`` integer class indices, or ``(N, C)`` label probabilities (the
+    expected Brier score under them, ``mean_N Σ_c (p_c - q_c)²`` plus their own variance
+    ``mean_N (1 - Σ_c q_c²)``).
     """
-    t, y = _mean_probabilities_and_labels(probs, labels)
-    t = t.to(_metric_dtype(t))
-    onehot = F.one_hot(y.long(), t.shape[1]).to(t.dtype)
-    return float(((t - onehot) ** 2).sum(1).mean())
+    t, q = _mean_probabilities_and_labels(probs, labels)
+    dtype = _metric_dtype(t)
+    t, q = t.to(dtype), q.to(dtype)
+    return float(((t - q) ** 2).sum(1).mean() + (1 - q.square().sum(1)).mean())
 
 
 def _scores(x: object, name: str) -> Tensor:

@@ -22,7 +22,9 @@ a time, each in its own single-threaded process):
    - a deep ensemble of 5: the pretrained CNN and 4 more trained the same way from other seeds.
 
 Metrics: accuracy, mean confidence (the mean of the max mean probability: below the accuracy,
-the model is underconfident), NLL (nats), ECE (15 bins), Brier score, and the AUROC of telling
+the model is underconfident), NLL (nats), ECE (15 bins), Brier score, NLL and ECE against the
+labels' training distribution (`noisy_label_distribution`: what the models were trained to
+predict), and the AUROC of telling
 the test digits from each out-of-distribution set by five scores (higher = more in-distribution):
 the max mean probability, `vinn.confidence_score`, minus the predictive entropy, minus the mutual
 information (BALD) and minus the epistemic variance summed over classes (`vinn.uncertainty`).
@@ -175,17 +177,27 @@ def scores(p: Tensor) -> dict[str, Tensor]:
     return dict(zip(SCORE_NAMES, values))
 
 
+def noisy_label_distribution(y: Tensor) -> Tensor:
+    """(N, C): the law of each label of ``y`` (N,) under the training labels' noise
+    (`demo.noisy_labels`): kept with probability 1 - `demo.LABEL_NOISE`, else any other class."""
+    other = demo.LABEL_NOISE / (demo.N_CLASSES - 1)
+    onehot = F.one_hot(y, demo.N_CLASSES).float()
+    return onehot * (1 - demo.LABEL_NOISE) + (1 - onehot) * other
+
+
 def evaluate(p: Tensor, y: Tensor, p_ood: dict[str, Tensor]) -> dict[str, float]:
     """Metrics of predictive samples ``p`` (T, N, C) on the test digits with labels ``y`` (N,)
     and ``p_ood`` {set: (T, M, C)}: accuracy, NLL, ECE, Brier score and ``"AUROC <set> / <score>"``
     for every out-of-distribution set and score of `scores`."""
-    mean = p.mean(0)
+    mean, noisy = p.mean(0), noisy_label_distribution(y)
     metrics = {
         "accuracy": (mean.argmax(1) == y).float().mean().item(),
         "confidence": mean.amax(1).mean().item(),
         "NLL": F.nll_loss(mean.clamp_min(1e-12).log(), y).item(),
         "ECE": vinn.expected_calibration_error(p, y),
         "Brier": vinn.brier_score(p, y),
+        "NLL (noisy labels)": -(noisy * mean.clamp_min(1e-12).log()).sum(1).mean().item(),
+        "ECE (noisy labels)": vinn.expected_calibration_error(p, noisy),
     }
     inside = scores(p)
     for name, q in p_ood.items():
@@ -308,7 +320,7 @@ def tables(runs: list[dict[str, dict[str, float]]], ood_sets: list[str]) -> str:
 
     candidates = {m: DETERMINISTIC_SCORES if m == "pretrained" else SCORE_NAMES for m in methods}
     best = {m: max(candidates[m], key=lambda score: mean_auroc(m, score)) for m in methods}
-    metrics = ["accuracy", "confidence", "NLL", "ECE", "Brier"]
+    metrics = ["accuracy", "confidence", "NLL", "ECE", "Brier", "NLL (noisy labels)", "ECE (noisy labels)"]
     columns = metrics + [f"AUROC {s} ({recommended_score(s, deterministic=False).removeprefix('-')})" for s in ood_sets]
     main = [f"| method | {' | '.join(columns)} |", "|---" + "|---:" * len(columns) + "|"]
     for m in methods:
@@ -351,7 +363,9 @@ def main(seeds: list[int], quick: bool, out: str, jobs: int, readme: str | None 
         f"{'' if 'laplace-torch last layer' in runs[0] else f' ({LAPLACE_MISSING})'}; "
         f"MC dropout: rate {DROPOUT}, T samples; deep ensemble: its {ENSEMBLE_SIZE} members are its samples.\n"
         "AUROC columns: each set scored as the README recommends; the pretrained model, of one sample, by the max probability "
-        "where the others use the mutual information. Confidence: the mean max probability.\n"
+        "where the others use the mutual information. Confidence: the mean max probability. "
+        f"Noisy labels: NLL and ECE against the labels' training distribution (each kept with probability {1 - demo.LABEL_NOISE:g}, "
+        "else any other class).\n"
     )
     text = header + "\n" + tables(runs, ood_sets) + "\n"
     path = Path(out) / f"results-digits-ood-{today}{'-quick' if quick else ''}.md"
