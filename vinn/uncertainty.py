@@ -161,8 +161,9 @@ def _metric_dtype(t: Tensor) -> torch.dtype:
 
 def _mean_probabilities_and_labels(probs: object, labels: object) -> tuple[Tensor, Tensor]:
     """Validated ``probs`` as ``(N, C)`` (averaged over ``T`` if given ``(T, N, C)``), detached, and
-    ``labels`` as the ``(N, C)`` distribution of each example's label, on the same device: one-hot
-    for ``(N,)`` integer class indices, as given for ``(N, C)`` label probabilities."""
+    ``labels`` as the ``(N, C)`` distribution of each example's label, on the same device and in
+    the metrics' dtype (`_metric_dtype`): one-hot for ``(N,)`` integer class indices, as given for
+    ``(N, C)`` label probabilities."""
     t, _ = _probabilities(probs, "probs", ranks=(2, 3))
     if t.ndim == 3:
         t = t.mean(0)
@@ -170,7 +171,7 @@ def _mean_probabilities_and_labels(probs: object, labels: object) -> tuple[Tenso
     n, c = t.shape
     if y.shape == (n, c):  # a distribution over the labels (noisy or soft labels)
         q, _ = _probabilities(labels, "labels", ranks=(2,))
-        return t.detach(), q.detach().to(device=t.device, dtype=t.dtype)
+        return t.detach(), q.detach().to(device=t.device, dtype=_metric_dtype(t))
     if y.shape != (n,):
         raise ValueError(f"labels must have shape (N,) = ({n},) or (N, C) = ({n}, {c}) to match probs, got {tuple(y.shape)}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -179,7 +180,7 @@ def _mean_probabilities_and_labels(probs: object, labels: object) -> tuple[Tenso
     if y.min() < 0 or y.max() >= c:
         low, high = y.min().item(), y.max().item()
         raise ValueError(f"labels must be class indices in [0, {c}), got values in [{low}, {high}]")
-    return t.detach(), F.one_hot(y.long(), c).to(t.dtype)  # metrics are returned as floats: no graph to keep
+    return t.detach(), F.one_hot(y.long(), c).to(_metric_dtype(t))  # metrics are returned as floats: no graph to keep
 
 
 # Guo et al. 2017's choice; the reliability diagram (vinn.plot) bins the same way by default
@@ -204,7 +205,7 @@ def expected_calibration_error(probs: Array, labels: Array, n_bins: int = ECE_BI
     confidence, predicted = t.max(1)
     dtype = _metric_dtype(t)
     confidence = confidence.to(dtype)
-    correct = q.gather(1, predicted.unsqueeze(1)).squeeze(1).to(dtype)
+    correct = q.gather(1, predicted.unsqueeze(1)).squeeze(1)
     edges = torch.arange(1, n_bins, dtype=dtype, device=t.device) / n_bins
     bins = torch.bucketize(confidence, edges)  # edges[b-1] < confidence <= edges[b]
     zeros = torch.zeros(n_bins, dtype=dtype, device=t.device)
@@ -222,8 +223,7 @@ def brier_score(probs: Array, labels: Array) -> float:
     ``mean_N (1 - Σ_c q_c²)``).
     """
     t, q = _mean_probabilities_and_labels(probs, labels)
-    dtype = _metric_dtype(t)
-    t, q = t.to(dtype), q.to(dtype)
+    t = t.to(q.dtype)
     return float(((t - q) ** 2).sum(1).mean() + (1 - q.square().sum(1)).mean())
 
 

@@ -24,17 +24,17 @@ a time, each in its own single-threaded process):
 Metrics: accuracy, mean confidence (the mean of the max mean probability: below the accuracy,
 the model is underconfident), NLL (nats), ECE (15 bins), Brier score, NLL and ECE against the
 labels' training distribution (`noisy_label_distribution`: what the models were trained to
-predict), and the AUROC of telling
-the test digits from each out-of-distribution set by five scores (higher = more in-distribution):
-the max mean probability, `vinn.confidence_score`, minus the predictive entropy, minus the mutual
+predict), and the AUROC of telling the test digits from each out-of-distribution set by five
+scores (higher = more in-distribution): the max mean probability, `vinn.confidence_score`, minus the predictive entropy, minus the mutual
 information (BALD) and minus the epistemic variance summed over classes (`vinn.uncertainty`).
 The main table scores each set as the README recommends (`RECOMMENDED_SCORE`): the mutual
 information for inputs unlike the training data, the predictive entropy for the unseen class; a
 model of one sample, which has no epistemic part, by the max probability instead of the mutual
 information. The second table gives every score. Prints the two Markdown tables (mean ±
 standard error over the seeds) and writes them to ``DIR/results-digits-ood-<date>.md``
-(``--quick``: ``...-quick.md``; default DIR is this folder), and with ``--readme README.md`` into that file's ``digits-ood`` block. ``--quick``: one
-seed, a few epochs and samples, to check that everything runs (< 60 s).
+(``--quick``: ``...-quick.md``; default DIR is this folder), and with ``--readme README.md``
+into that file's ``digits-ood`` block. ``--quick``: one seed, a few epochs and samples, to check
+that everything runs (< 60 s).
 """
 
 from __future__ import annotations
@@ -187,16 +187,18 @@ def noisy_label_distribution(y: Tensor) -> Tensor:
 
 def evaluate(p: Tensor, y: Tensor, p_ood: dict[str, Tensor]) -> dict[str, float]:
     """Metrics of predictive samples ``p`` (T, N, C) on the test digits with labels ``y`` (N,)
-    and ``p_ood`` {set: (T, M, C)}: accuracy, NLL, ECE, Brier score and ``"AUROC <set> / <score>"``
-    for every out-of-distribution set and score of `scores`."""
+    and ``p_ood`` {set: (T, M, C)}: accuracy, mean confidence, NLL, ECE, Brier score, NLL and ECE
+    against the labels' training distribution, and ``"AUROC <set> / <score>"`` for every
+    out-of-distribution set and score of `scores`."""
     mean, noisy = p.mean(0), noisy_label_distribution(y)
+    log_mean = mean.clamp_min(1e-12).log()
     metrics = {
         "accuracy": (mean.argmax(1) == y).float().mean().item(),
         "confidence": mean.amax(1).mean().item(),
-        "NLL": F.nll_loss(mean.clamp_min(1e-12).log(), y).item(),
+        "NLL": F.nll_loss(log_mean, y).item(),
         "ECE": vinn.expected_calibration_error(p, y),
         "Brier": vinn.brier_score(p, y),
-        "NLL (noisy labels)": -(noisy * mean.clamp_min(1e-12).log()).sum(1).mean().item(),
+        "NLL (noisy labels)": -(noisy * log_mean).sum(1).mean().item(),
         "ECE (noisy labels)": vinn.expected_calibration_error(p, noisy),
     }
     inside = scores(p)
