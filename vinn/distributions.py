@@ -53,6 +53,7 @@ def check_posterior(posterior: object) -> None:
         )
 
 
+@functools.lru_cache(maxsize=128)  # asked for every layer's prior by bayesify: one answer per support
 def covers_real_line(support: constraints.Constraint) -> bool:
     """Whether a distribution with this support is continuous and takes every real value."""
     return not support.is_discrete and bool(support.check(torch.tensor([-1e30, -1.0, 0.0, 1.0, 1e30])).all())
@@ -164,6 +165,12 @@ def check_arguments(distribution: Distribution, argument: str = "prior") -> None
             check_arguments(value, argument)
 
 
+def broadcasts_to(shape: torch.Size | tuple[int, ...], to: torch.Size | tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``to``. In Python, as torch.broadcast_shapes
+    takes tens of µs a call, and bayesify asks for every parameter."""
+    return len(shape) <= len(to) and all(size in (1, target) for size, target in zip(reversed(shape), reversed(to)))
+
+
 def check_prior(prior: object, shape: torch.Size, argument: str = "prior") -> None:
     """Raise unless ``prior`` is a valid, continuous, real-valued, scalar-event distribution whose
     batch shape broadcasts to ``shape``."""
@@ -181,11 +188,7 @@ def check_prior(prior: object, shape: torch.Size, argument: str = "prior") -> No
             f"{argument} must be a continuous distribution over the real line, as the weights are; "
             f"{type(prior).__name__} has support {prior.support}"
         )
-    try:
-        fits = torch.broadcast_shapes(prior.batch_shape, shape) == shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not broadcasts_to(prior.batch_shape, shape):
         raise ValueError(
             f"{argument} has batch shape {tuple(prior.batch_shape)}, which does not broadcast to the "
             f"parameter shape {tuple(shape)}: use a scalar prior or one of exactly that shape"

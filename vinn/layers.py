@@ -30,6 +30,7 @@ from .distributions import (
     MIN_SCALE,
     MatrixNormal,
     PosteriorFamily,
+    broadcasts_to,
     check_arguments,
     check_posterior,
     check_prior,
@@ -285,7 +286,7 @@ class BayesianLayer(nn.Module):
             leaves = {}
             for path, shape in shapes.items():
                 value = state_dict.get(prefix + self._prior_buffer(name, path))
-                if not (isinstance(value, Tensor) and _broadcasts(value.shape, shape)):
+                if not (isinstance(value, Tensor) and broadcasts_to(value.shape, shape)):
                     break  # missing or misshapen: torch's own check reports it
                 leaves[path] = value.expand(shape)
             else:
@@ -559,10 +560,12 @@ class BayesianLayer(nn.Module):
             raise TypeError(f"{cls.__name__}.from_torch takes a {cls._torch_cls.__name__}, got {type(module).__name__}")
         token = _skip_initialisation.set(True)  # the loc is copied below: initialising it is wasted work
         try:
-            layer = cls(**cls._config(module), posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
+            config = cls._config(module)
+            layer = cls(**config, posterior=posterior, prior=prior, init_scale=init_scale, estimator=estimator)
         finally:
             _skip_initialisation.reset(token)
-        layer.to(**_factory(module))  # for a torch layer built without them
+        if "device" not in config:  # a torch layer built without device and dtype arguments
+            layer.to(**_factory(module))
         _copy_torch_state(module, layer)
         # a pretrained prior and a relative init_scale depend on the loc just copied
         layer._register_priors()
@@ -710,7 +713,7 @@ def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> float 
     if not callable(init_scale):  # a float, checked by _check_init_scale
         return 2 * math.log(init_scale)
     scale = torch.as_tensor(init_scale(loc.detach()), dtype=loc.dtype, device=loc.device)
-    if scale.shape != loc.shape and torch.broadcast_shapes(scale.shape, loc.shape) != loc.shape:
+    if not broadcasts_to(scale.shape, loc.shape):
         raise ValueError(f"init_scale gave shape {tuple(scale.shape)} for {name} of shape {tuple(loc.shape)}")
     if not bool(((scale > MIN_SCALE) & (scale < MAX_SCALE)).all()):
         raise ValueError(
@@ -739,15 +742,10 @@ def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
 
-def _broadcasts(shape: torch.Size, to: torch.Size) -> bool:
-    try:
-        return torch.broadcast_shapes(shape, to) == to
-    except RuntimeError:
-        return False
-
-
 def _compact(tensor: Tensor) -> Tensor:
     """The smallest tensor that expands back to ``tensor``: each broadcast (stride-0) dimension kept once."""
+    if tensor.dim() == 0:  # the common scalar prior: no indexing
+        return tensor
     index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in tensor.stride())
     small = tensor[index]
     return small.reshape(()) if small.numel() == 1 else small
@@ -785,7 +783,6 @@ def _split_prior(prior: Distribution | Mapping[str, Distribution] | PriorSpec, l
         priors = {name: prior.get(name, _default_prior()) for name in shapes}
     else:
         first = next(iter(shapes))  # the weight
-        check_prior(prior, shapes[first])
         priors = {name: prior if prior.batch_shape == () or name == first else _default_prior() for name in shapes}
     for name, distribution in priors.items():
         check_prior(distribution, shapes[name], f"prior for {name}")

@@ -207,6 +207,7 @@ def bayesify(
     last = validation.optional_integer(last, "last", what="how many layers to convert")
 
     root = copy.deepcopy(model)  # all the work happens on this copy
+    tied = _tied_parameters(root)
     usage: _Usage | None
     try:
         graph = _HookKeepingTracer().trace(root)
@@ -219,16 +220,16 @@ def bayesify(
             UserWarning,
             stacklevel=2,
         )
-        bnn, candidates, usage = root, _module_tree_candidates(root), None
+        bnn, candidates, usage = root, _module_tree_candidates(root, tied), None
     else:
         trace_error = None
         bnn = BayesianGraphModule(root, graph, class_name=type(model).__name__)
         usage = _graph_usage(root, graph)
-        candidates = _graph_candidates(root, usage)
+        candidates = _graph_candidates(root, usage, tied)
 
     _decide(candidates, config, last)
     _share_tied(candidates)
-    parameters = _parameter_candidates(root, config, candidates, usage)
+    parameters = _parameter_candidates(root, config, candidates, usage, tied)
     layers = [(c.name, type(c.layer) if c.layer is not None else None) for c in candidates]
     for rule in config.unused_rules(layers, (name for name, _ in root.named_parameters(remove_duplicate=False))):
         warnings.warn(f"bayesify: the config rule {rule} matches no layer of {type(model).__name__} that vinn converts",
@@ -404,11 +405,11 @@ def _graph_usage(root: nn.Module, graph: Graph) -> _Usage:
     return usage
 
 
-def _graph_candidates(root: nn.Module, usage: _Usage) -> list[_Candidate]:
-    """Every Linear/Conv module of ``root`` and every functional call on its parameters, as traced."""
+def _graph_candidates(root: nn.Module, usage: _Usage, tied: dict[str, list[str]]) -> list[_Candidate]:
+    """Every Linear/Conv module of ``root`` and every functional call on its parameters, as traced
+    (``tied``: `_tied_parameters` of ``root``)."""
     graph, called, read = usage
     leaves = {name for name in called if type(root.get_submodule(name)) not in CALLS_SUBMODULES}
-    tied = _tied_parameters(root)
     supported = tuple(layer_types())
     hooked = {name: has_hooks(module) for name, module in root.named_modules()}
     untieable = _untieable(root, tied)
@@ -437,8 +438,9 @@ def _graph_candidates(root: nn.Module, usage: _Usage) -> list[_Candidate]:
     return candidates + list(functional.values())
 
 
-def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
-    """Every Linear/Conv module of ``root``, in ``named_modules`` order, without a graph to say how it is used."""
+def _module_tree_candidates(root: nn.Module, tied: dict[str, list[str]]) -> list[_Candidate]:
+    """Every Linear/Conv module of ``root``, in ``named_modules`` order, without a graph to say how it is used
+    (``tied``: `_tied_parameters` of ``root``)."""
     tracer = _Tracer()
     leaves = {
         name
@@ -446,7 +448,7 @@ def _module_tree_candidates(root: nn.Module) -> list[_Candidate]:
         if name and tracer.is_leaf_module(module, name)
         and not (isinstance(module, _CONTAINERS) or type(module) in CALLS_SUBMODULES)
     }
-    untieable = _untieable(root, _tied_parameters(root))
+    untieable = _untieable(root, tied)
     supported = tuple(layer_types())
     return [
         _module_candidate(name, module, position, _module_reason(name, module, leaves, untieable))
@@ -696,17 +698,17 @@ class _SharedPrior(PriorSpec):
 
 
 def _parameter_candidates(
-    root: nn.Module, config: BayesConfig, layers: list[_Candidate], usage: _Usage | None
+    root: nn.Module, config: BayesConfig, layers: list[_Candidate], usage: _Usage | None, tied: dict[str, list[str]]
 ) -> list[_Candidate]:
     """The parameters a name rule of ``config`` addresses (`BayesConfig.spec_for_parameter`), each with
-    its spec or the reason it stays as it is; those of the layers being converted are left out."""
+    its spec or the reason it stays as it is; those of the layers being converted are left out
+    (``tied``: `_tied_parameters` of ``root``)."""
     converted = {layer.name for layer in layers if layer.spec is not None and layer.call is None}  # modules
     functional = set()  # the parameters of the functional calls converted
     for layer in layers:
         if layer.spec is not None and layer.call is not None:
             arguments = _call_arguments(layer.call)
             functional.update(arguments[a].target for a in ("weight", "bias") if arguments[a] is not None)
-    tied = _tied_parameters(root)
     seen: set[int] = set()
     candidates = []
     for position, (name, parameter) in enumerate(root.named_parameters(remove_duplicate=False)):
@@ -885,14 +887,14 @@ def _tied_parameters(root: nn.Module) -> dict[str, list[str]]:
 
     A module registered under several names shares its parameters with itself only: not tied.
     """
-    names_by_tensor: dict[int, list[str]] = defaultdict(list)
-    for name, parameter in root.named_parameters(remove_duplicate=False):
-        names_by_tensor[id(parameter)].append(name)
+    holders: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)  # tensor -> (name, owner) of each holder
+    for owner_name, owner in root.named_modules(remove_duplicate=False):
+        for attribute, parameter in owner.named_parameters(recurse=False, remove_duplicate=False):
+            holders[id(parameter)].append((_qualified(owner_name, attribute), owner))
     tied = {}
-    for names in names_by_tensor.values():
-        owners = {name: root.get_submodule(_parent(name)) for name in names}
-        for name in names:
-            others = [other for other in names if owners[other] is not owners[name]]
+    for names in holders.values():
+        for name, owner in names:
+            others = [other for other, other_owner in names if other_owner is not owner]
             if others:
                 tied[name] = others
     return tied

@@ -27,7 +27,7 @@ _HOOK_DICTS = tuple(
 
 
 def has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+    return any(map(vars(module).get, _HOOK_DICTS))  # asked of every module by bayesify: no getattr
 
 
 def copy_hooks(source: nn.Module, target: nn.Module, memo: dict[int, Any] | None = None) -> None:
