@@ -11,6 +11,7 @@ from .convert import (
 )
 from .distributions import MatrixNormal
 from .elbo import ELBO
+from .initialization import init_column_covariance
 from .layers import (
     MAX_SCALE,
     MIN_SCALE,
@@ -90,6 +91,7 @@ __all__ = [
     "confidence_score",
     "deterministic",
     "expected_calibration_error",
+    "init_column_covariance",
     "kl",
     "layer_types",
     "mutual_information",

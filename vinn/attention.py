@@ -110,9 +110,9 @@ class MultiheadAttention(BayesianLayer, nn.MultiheadAttention):
         if isinstance(self.out_proj, BayesianLayer):  # torch's own out_proj while torch's __init__ runs
             self.out_proj._register_priors()
 
-    def reset_scale(self, init_scale: InitScale | None = None) -> None:
+    def reset_scale(self, init_scale: InitScale | None = None, column_covariance: Tensor | None = None) -> None:
         """Set the posterior scale of every element, out_proj's included (see `BayesianLayer.reset_scale`)."""
-        super().reset_scale(init_scale)
+        super().reset_scale(init_scale, column_covariance)
         if isinstance(self.out_proj, BayesianLayer):  # torch's own out_proj while torch's __init__ runs
             self.out_proj.reset_scale(init_scale)
 

@@ -49,7 +49,7 @@ from .distributions import (
 from .priors import PriorSpec
 from .sampling import sampling_enabled, weight_draws_of
 from .sharding import full_tensor, gathered, replicated_like
-from .validation import one_of, real
+from .validation import describe, one_of, real
 
 # Default initial posterior scale of a freshly built layer: small against torch's default loc
 # initialisation (uniform with bound 1/sqrt(fan_in)), so a new network starts near a
@@ -304,24 +304,33 @@ class BayesianLayer(nn.Module):
             self.reset_scale()
 
     @torch.no_grad()
-    def reset_scale(self, init_scale: InitScale | None = None) -> None:
+    def reset_scale(self, init_scale: InitScale | None = None, column_covariance: Tensor | None = None) -> None:
         """Set the posterior scale of every element from ``init_scale`` (default: the layer's own).
 
         ``init_scale`` is a positive float (the same scale everywhere) or a callable mapping a loc
-        tensor to a positive scale tensor of its shape, such as `vinn.RelativeScale`. Nothing
+        tensor to a positive scale tensor of its shape, such as `vinn.RelativeScale`. A
+        `MatrixNormal` weight takes each row's mean variance from it, and its columns' covariance
+        V from ``column_covariance`` (in_features, in_features), symmetric positive definite
+        (default: the identity; `vinn.init_column_covariance` computes one from data). Nothing
         changes if it fails. A learned prior is then refitted to the new posterior.
         """
         if init_scale is None:
             init_scale = self.init_scale
         _check_init_scale(init_scale)
+        column_factor = None if column_covariance is None else self._column_factor(column_covariance)
         log_sigma2 = {name: _initial_log_sigma2(init_scale, name, loc) for name, loc in self.random_parameters().items()}
         self.init_scale = init_scale
         if self._matrix_normal:
-            # each row's mean variance (a constant's is itself), the columns' covariance the identity
+            # each row's mean variance (a constant's is itself)
             if isinstance(log_sigma2["weight"], Tensor):
                 log_sigma2["weight"] = log_sigma2["weight"].logsumexp(1, keepdim=True) - math.log(self.weight.shape[1])
-            self.weight_column_log_sigma2.zero_()
-            self.weight_column_tril.zero_()
+            if column_factor is None:
+                self.weight_column_log_sigma2.zero_()
+                self.weight_column_tril.zero_()
+            else:  # V = L diag(c) Lᵀ with L unit lower triangular, from V's Cholesky factor
+                diagonal = column_factor.diagonal()
+                self.weight_column_log_sigma2.copy_(diagonal.square().log())
+                self.weight_column_tril.copy_((column_factor / diagonal).tril(-1))
         for name, value in log_sigma2.items():
             parameter = getattr(self, f"{name}_log_sigma2")
             if isinstance(value, float):
@@ -339,6 +348,22 @@ class BayesianLayer(nn.Module):
             return self._posterior("weight").variance
         log_sigma2 = getattr(self, f"{name}_log_sigma2")
         return None if log_sigma2 is None else sigma2(log_sigma2)
+
+    def _column_factor(self, column_covariance: Tensor) -> Tensor:
+        """The lower Cholesky factor of ``column_covariance``, checked, in the weight's dtype."""
+        columns = self.weight.shape[-1]
+        if not self._matrix_normal:
+            raise ValueError(f"column_covariance is for a layer with posterior=vinn.MatrixNormal; this one's is {family_name(self.posterior)}")
+        if not isinstance(column_covariance, Tensor) or column_covariance.shape != (columns, columns):
+            raise ValueError(
+                f"column_covariance must be a ({columns}, {columns}) tensor (in_features x in_features), "
+                f"got {describe(column_covariance)}"
+            )
+        covariance = column_covariance.detach().to(torch.float64)
+        factor, info = torch.linalg.cholesky_ex(covariance)
+        if int(info) != 0 or not bool(covariance.isfinite().all()) or not torch.allclose(covariance, covariance.mT):
+            raise ValueError("column_covariance must be symmetric positive definite (finite, with a Cholesky factor)")
+        return factor.to(device=self.weight.device, dtype=self.weight.dtype)
 
     def _column_scale_tril(self) -> Tensor:
         """A MatrixNormal weight's L diag(c)^½: the lower Cholesky factor of its columns' covariance V."""

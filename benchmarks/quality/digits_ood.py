@@ -97,13 +97,15 @@ class Recipe:
     ``trunk``: that of every convolution, None to keep them deterministic. The whole network
     trains (batch norm keeps its pretrained statistics): Adam at ``lr`` for the posterior locs
     and the deterministic parameters, ``scale_lr`` for the posterior scales (None:
-    ``lr * vinn.SCALE_LR_RATIO``), by `vinn.param_groups`.
+    ``lr * vinn.SCALE_LR_RATIO``), by `vinn.param_groups`. ``data_shaped``: a `vinn.MatrixNormal`
+    head's column covariance starts from the training inputs (`vinn.init_column_covariance`).
     """
 
     head: vinn.LayerSpec
     trunk: vinn.LayerSpec | None
     lr: float
     scale_lr: float | None = None
+    data_shaped: bool = False
 
     def config(self) -> vinn.BayesConfig:
         """The `vinn.BayesConfig` for `vinn.bayesify`."""
@@ -115,7 +117,8 @@ class Recipe:
             return "deterministic" if s is None else f"{posterior}init_scale {s.init_scale}, prior {s.prior}"
 
         scale_lr = self.lr * vinn.SCALE_LR_RATIO if self.scale_lr is None else self.scale_lr
-        return f"head: {spec(self.head)}; convolutions: {spec(self.trunk)}; Adam lr {self.lr:g}, scale lr {scale_lr:g}"
+        shaped = "; column covariance from the training inputs (vinn.init_column_covariance)" if self.data_shaped else ""
+        return f"head: {spec(self.head)}{shaped}; convolutions: {spec(self.trunk)}; Adam lr {self.lr:g}, scale lr {scale_lr:g}"
 
 
 # The recommended recipe (measured on seeds 0-2, see benchmarks/README.md): the whole network
@@ -242,6 +245,8 @@ def bayesify_and_finetune(pretrained: nn.Module, recipe: Recipe, x: Tensor, y: T
     """A Bayesian copy of ``pretrained`` made and fine-tuned with ``vinn.ELBO`` by ``recipe``
     for ``epochs`` epochs on ``x`` (N, 1, 16, 16), ``y`` (N,); returned in eval mode."""
     bnn = vinn.bayesify(pretrained, recipe.config())
+    if recipe.data_shaped:
+        vinn.init_column_covariance(bnn, x)
     optimizer = torch.optim.Adam(vinn.param_groups(bnn, lr=recipe.lr, scale_lr=recipe.scale_lr))
     elbo = vinn.ELBO(bnn, nn.CrossEntropyLoss(), dataset_size=len(x))
     demo.fit(bnn, elbo, optimizer, x, y, epochs, desc="fine-tuning", freeze_batch_norm=True)
