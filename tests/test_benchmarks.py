@@ -129,5 +129,5 @@ def test_digits_ood_benchmark_runs_in_quick_mode(tmp_path):
     )  # fmt: skip
     text = readme.read_text()
     assert "old" not in text
-    for method in ("pretrained", "bayesify full", "bayesify last layer", "MC dropout", "deep ensemble"):
+    for method in ("pretrained", "bayesify full", "bayesify last layer, mean-field", "bayesify last layer, MatrixNormal", "MC dropout", "deep ensemble"):
         assert f"| {method} |" in text, text
