@@ -53,6 +53,11 @@ def test_reset_scale_refuses_a_bad_column_covariance_and_changes_nothing(covaria
     assert all(torch.equal(p, before[name]) for name, p in layer.named_parameters())
 
 
+def test_reset_scale_refuses_a_column_covariance_that_is_no_tensor():
+    with pytest.raises(TypeError, match=r"column_covariance must be a \(4, 4\) tensor"):
+        matrix_normal_head().reset_scale(column_covariance=[[1.0]])
+
+
 def test_reset_scale_refuses_a_column_covariance_for_an_elementwise_posterior():
     with pytest.raises(ValueError, match="posterior=vinn.MatrixNormal"):
         vinn.Linear(4, 3).reset_scale(column_covariance=torch.eye(4))

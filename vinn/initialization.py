@@ -13,8 +13,8 @@ from . import validation
 from .layers import BayesianLayer
 from .sampling import deterministic
 
-# δ / (mean eigenvalue of the inputs' second moment): the digits benchmark's detection was the same
-# at 0.001 and 0.01 and fell at 0.1 (README, "Digits: telling unseen inputs apart")
+# δ / (mean eigenvalue of the inputs' second moment): on the digits benchmark's head (seeds 0-4,
+# scratch runs) detection was the same at 0.001 and 0.01 and fell at 0.1 (noise AUROC 0.90 / 0.90 / 0.88)
 DEFAULT_DAMPING = 0.01
 
 
@@ -60,7 +60,7 @@ def init_column_covariance(model: nn.Module, data: Tensor | Iterable[Any], dampi
     for name, layer in layers.items():
         second_moment = moments[name].value(name)
         columns = len(second_moment)
-        precision = second_moment + damping * second_moment.trace() / columns * torch.eye(columns, dtype=second_moment.dtype)
+        precision = second_moment + damping * second_moment.trace() / columns * torch.eye(columns, dtype=second_moment.dtype, device=second_moment.device)
         covariance = torch.cholesky_inverse(torch.linalg.cholesky(precision))
         # E[xᵀVx] = tr(S V): scaled to tr(S) = E[xᵀx]
         covariance *= second_moment.trace() / (second_moment * covariance).sum()
@@ -69,14 +69,14 @@ def init_column_covariance(model: nn.Module, data: Tensor | Iterable[Any], dampi
 
 
 class _SecondMoment:
-    """Σ x xᵀ and the count of the inputs a layer sees, accumulated in float64 by a forward pre-hook."""
+    """Σ x xᵀ and the count of the inputs a layer sees, accumulated in float64 on their device by a forward pre-hook."""
 
     def __init__(self) -> None:
         self.sum: Tensor | None = None
         self.count = 0
 
     def add(self, layer: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(device="cpu", dtype=torch.float64)
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
         self.sum = x.mT @ x if self.sum is None else self.sum + x.mT @ x
         self.count += len(x)
 

@@ -49,7 +49,7 @@ from .distributions import (
 from .priors import PriorSpec
 from .sampling import sampling_enabled, weight_draws_of
 from .sharding import full_tensor, gathered, replicated_like
-from .validation import describe, one_of, real
+from .validation import one_of, real, wrong_type, wrong_value
 
 # Default initial posterior scale of a freshly built layer: small against torch's default loc
 # initialisation (uniform with bound 1/sqrt(fan_in)), so a new network starts near a
@@ -354,11 +354,11 @@ class BayesianLayer(nn.Module):
         columns = self.weight.shape[-1]
         if not self._matrix_normal:
             raise ValueError(f"column_covariance is for a layer with posterior=vinn.MatrixNormal; this one's is {family_name(self.posterior)}")
-        if not isinstance(column_covariance, Tensor) or column_covariance.shape != (columns, columns):
-            raise ValueError(
-                f"column_covariance must be a ({columns}, {columns}) tensor (in_features x in_features), "
-                f"got {describe(column_covariance)}"
-            )
+        accepted = f"a ({columns}, {columns}) tensor (in_features x in_features)"
+        if not isinstance(column_covariance, Tensor):
+            raise wrong_type("column_covariance", accepted, column_covariance)
+        if column_covariance.shape != (columns, columns):
+            raise wrong_value("column_covariance", accepted, column_covariance)
         covariance = column_covariance.detach().to(torch.float64)
         factor, info = torch.linalg.cholesky_ex(covariance)
         if int(info) != 0 or not bool(covariance.isfinite().all()) or not torch.allclose(covariance, covariance.mT):
