@@ -33,7 +33,8 @@ def init_column_covariance(model: nn.Module, data: Tensor | Iterable[Any], dampi
     model and before training: the ELBO then trains V from there.
 
     ``data``: a batch of inputs, or an iterable of batches (a ``DataLoader``), each a tensor or a
-    tuple or list whose first element is the input (an ``(x, y)`` pair). ``model`` runs on them at
+    tuple or list whose first element is the input (an ``(x, y)`` pair); for a large training set
+    a random subset of a few times ``in_features`` examples estimates S well enough. ``model`` runs on them at
     its posterior means (`vinn.deterministic`), in eval mode (batch norm statistics untouched) and
     without gradients; every module's train/eval mode is restored. Returns the names of the
     layers it set. ValueError if ``model`` has no MatrixNormal layer, ``damping`` is not positive,
