@@ -28,8 +28,8 @@ def init_column_covariance(model: nn.Module, data: Tensor | Iterable[Any], dampi
     along the directions the inputs span, large across them, as in a last-layer KFAC Laplace
     posterior, so that an input unlike the data gets a larger predictive variance (``u_i xᵀVx``).
     c keeps the mean over ``data`` of xᵀVx at that of xᵀx: on inputs like ``data`` the layer
-    starts as uncertain as with V = I. Each row's variance u_i is reset from the layer's
-    ``init_scale`` (`BayesianLayer.reset_scale`). Call it once after building or converting the
+    starts as uncertain as with V = I. Every other scale of the layer (each row's variance u_i,
+    the bias's) is reset from its ``init_scale``, as `BayesianLayer.reset_scale` does. Call it once after building or converting the
     model and before training: the ELBO then trains V from there.
 
     ``data``: a batch of inputs, or an iterable of batches (a ``DataLoader``), each a tensor or a

@@ -123,19 +123,19 @@ class Recipe:
         return f"head: {spec(self.head)}{shaped}; convolutions: {spec(self.trunk)}; Adam lr {self.lr:g}, scale lr {scale_lr:g}"
 
 
-# The recommended recipe, the demo's (`examples/demo.py`: one place for it; measured on seeds 0-4,
-# scratch runs, see the README): the head a `vinn.MatrixNormal` whose column covariance starts from
-# the training features (`vinn.init_column_covariance`), the whole network fine-tuned at 1e-3 and
-# the scales at 3e-3. The start, not the learning, gives the detection: with V = I the same
-# recipe tells noise apart at 0.82, with the data's shape at 0.90-0.92, at ECE 0.027 either way.
-# Faster scales (1e-2, 3e-2) or larger heads (init_scale 0.15-0.3) detect more and calibrate
-# worse; a frozen trunk or a learning rate of 1e-4 leaves the model underconfident (ECE 0.036-0.045).
+# The recommended recipe, the demo's (`examples/demo.py`: one place for it): the head a
+# `vinn.MatrixNormal` whose column covariance starts from the training features
+# (`vinn.init_column_covariance`), the whole network fine-tuned at 1e-3 and the scales at 3e-3.
+# Chosen by scratch runs on seeds 0-4, whose figures are in benchmarks/README.md ("Leads"): the
+# start, not the learning, gives the detection (at lr 3e-4, init_scale 0.07, V = I detects noise
+# no better than a mean-field head); faster scales or larger heads detect more and calibrate
+# worse; a frozen trunk or a lower learning rate leaves the model underconfident.
 SHAPED_HEAD = vinn.LayerSpec(posterior=vinn.MatrixNormal, init_scale=demo.INIT_SCALE, prior=Normal(0.0, 1.0))
 MATRIX_NORMAL_RECIPE = Recipe(head=SHAPED_HEAD, trunk=None, lr=demo.FINETUNE_LR, scale_lr=demo.SCALE_LR, data_shaped=True)
 # Every layer Bayesian: the convolutions start at a small fraction of each weight and learn their
 # scales from there, under N(0, 1). A prior centred on the pretrained weights whose scale is fitted
 # to the posterior (EmpiricalBayesPrior(pretrained=True)) holds the means where they were, which
-# leaves the model as underconfident as a frozen trunk (ECE 0.044 at RelativeScale(0.003)).
+# leaves the model as underconfident as a frozen trunk (benchmarks/README.md, "Leads").
 FULL_RECIPE = Recipe(
     head=SHAPED_HEAD,
     trunk=vinn.LayerSpec(init_scale=vinn.RelativeScale(0.003, floor=1e-4), prior=Normal(0.0, 1.0)),
