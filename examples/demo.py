@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import time
@@ -283,7 +284,7 @@ def main(
         f"deterministic: the pretrained checkpoint ({epochs} epochs); Bayesian: its last {LAST_LAYERS} layer(s) bayesified, fine-tuned "
         f"{finetune_epochs} epochs, {samples} samples; trained on digits 0-{HELD_OUT_CLASS - 1} with "
         f"{LABEL_NOISE:.0%} of the training labels wrong, "
-        f"{len(x_test)} held-out test digits; {seconds:.0f} s"
+        f"{len(x_test)} held-out test digits; {seconds:.0f} s on {datetime.date.today().isoformat()}"
     )
     print(f"\n{format_table(results, markdown=False)}\n\n{settings}\nfigures and checkpoint in {out_dir}")
     if readme is not None:
