@@ -119,6 +119,17 @@ def test_uci_quality_benchmarks_run_in_quick_mode(script, tmp_path):
     assert "| boston |" in table or "| vinn (recipe) |" in table, result.stdout
 
 
+def test_uci_benchmark_measures_the_method_families_asked_in_table_order():
+    spec = importlib.util.spec_from_file_location("vinn_benchmarks_uci", ROOT / "benchmarks" / "quality" / "uci.py")
+    uci = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = uci  # its dataclass looks its module up there
+    spec.loader.exec_module(uci)
+    names = lambda families: [m.name for m in uci.methods(families, [0.01, 0.05])]  # noqa: E731
+    assert names(["vinn"]) == ["vinn (recipe)"]
+    assert names(["dropout", "vinn"]) == ["vinn (recipe)", "MC dropout p=0.01", "MC dropout p=0.05"]
+    assert names(list(uci.METHOD_FAMILIES)) == ["vinn (recipe)", "deterministic", "MC dropout p=0.01", "MC dropout p=0.05"]
+
+
 @pytest.mark.slow
 def test_digits_ood_benchmark_runs_in_quick_mode(tmp_path):
     readme = tmp_path / "README.md"

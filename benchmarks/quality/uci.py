@@ -23,6 +23,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/quality/uci.py                   # 20 splits, 40 and 400 epochs
     .venv/bin/python benchmarks/quality/uci.py --quick           # 2 splits, 2 and 4 epochs: checks it runs
     .venv/bin/python benchmarks/quality/uci.py --epochs 40 --splits 5 --jobs 2
+    .venv/bin/python benchmarks/quality/uci.py --epochs 40 100 200 400 --datasets boston --methods vinn
 
 Prints a Markdown table and writes it to ``benchmarks/quality/results-uci-<date>.md``
 (``--quick`` writes nothing unless ``--out`` is given); with ``--readme README.md``,
@@ -92,10 +93,18 @@ def mc_dropout(rate: float, inputs: int, train_size: int) -> tuple[uci.Regressor
     return uci.Regressor(body, uci.NOISE_VAR), loss
 
 
-def methods(dropout_rates: list[float]) -> list[Method]:
-    """The rows of the table: the vinn recipe, the deterministic net, MC dropout at each rate."""
-    dropout = [Method(f"MC dropout p={rate:g}", functools.partial(mc_dropout, rate)) for rate in dropout_rates]
-    return [Method("vinn (recipe)", vinn_recipe), Method("deterministic", deterministic), *dropout]
+METHOD_FAMILIES = ("vinn", "deterministic", "dropout")
+
+
+def methods(families: list[str], dropout_rates: list[float]) -> list[Method]:
+    """The rows of the table, in the order of `METHOD_FAMILIES`: the vinn recipe, the deterministic
+    net, MC dropout at each rate; each only if its family is in ``families``."""
+    rows = {
+        "vinn": [Method("vinn (recipe)", vinn_recipe)],
+        "deterministic": [Method("deterministic", deterministic)],
+        "dropout": [Method(f"MC dropout p={rate:g}", functools.partial(mc_dropout, rate)) for rate in dropout_rates],
+    }
+    return [method for family in METHOD_FAMILIES if family in families for method in rows[family]]
 
 
 def run_split(
@@ -137,8 +146,8 @@ def table(
                 rmse, ll = zip(*results[method.name, dataset, epoch])
                 cells += [cell(list(rmse)), cell(list(ll))]
             lines.append(f"| {method.name} | {epoch} | " + " | ".join(cells) + " |")
-    for name, rows in uci.PUBLISHED.items():
-        cells = [f"{r[0]:.2f} ± {r[1]:.2f} | {r[2]:.2f} ± {r[3]:.2f}" for r in (rows[d] for d in datasets)]
+    for name, published in uci.PUBLISHED.items():
+        cells = [f"{r[0]:.2f} ± {r[1]:.2f} | {r[2]:.2f} ± {r[3]:.2f}" for r in (published[d] for d in datasets)]
         lines.append(f"| {name} (published) | — | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,6 +158,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", help="training budgets to score (default: 40 400)")
     parser.add_argument("--splits", type=int, help="number of random splits (default: 20)")
     parser.add_argument("--datasets", nargs="+", choices=uci.DATASETS, default=list(uci.DATASETS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHOD_FAMILIES, default=list(METHOD_FAMILIES),
+        help="the measured rows (default: all; dropout gives one row per --dropout rate)",
+    )  # fmt: skip
     parser.add_argument(
         "--scale-lr-ratio", type=float, default=vinn.SCALE_LR_RATIO,
         help=f"scale_lr / lr of vinn.param_groups, for every method (default: vinn.SCALE_LR_RATIO = {vinn.SCALE_LR_RATIO:g})",
@@ -167,7 +180,7 @@ def main() -> None:
     out = args.out or (None if args.quick else HERE / f"results-uci-{today}.md")
 
     start = time.perf_counter()
-    rows = methods(args.dropout)
+    rows = methods(args.methods, args.dropout)
     tasks = [(m, d, i) for m in rows for d in args.datasets for i in range(splits)]
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = {task: pool.submit(run_split, *task, epochs, args.scale_lr_ratio) for task in tasks}
