@@ -12,13 +12,19 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("vinn_benchmarks_run", ROOT / "benchmarks" / "run.py")
-run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run)
-_spec = importlib.util.spec_from_file_location("vinn_benchmarks_peers", ROOT / "benchmarks" / "peers.py")
-peers = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = peers  # its dataclass looks its module up there
-_spec.loader.exec_module(peers)
+
+
+def _benchmark(name: str, path: str):
+    """The benchmark script ``benchmarks/<path>`` imported as the module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass of the script looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _benchmark("vinn_benchmarks_run", "run.py")
+peers = _benchmark("vinn_benchmarks_peers", "peers.py")
 
 
 def test_two_pass_floor_doubles_every_conv_and_linear_and_their_parameters():
@@ -95,9 +101,7 @@ def test_peers_benchmark_writes_every_row_into_its_readme_block(tmp_path):
 
 @pytest.mark.slow
 def test_bayesian_share_table_is_written_into_its_readme_block(tmp_path):
-    spec = importlib.util.spec_from_file_location("vinn_benchmarks_share", ROOT / "benchmarks" / "bayesian_share.py")
-    share = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(share)
+    share = _benchmark("vinn_benchmarks_share", "bayesian_share.py")
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bayesian-share:start -->\nold\n<!-- bayesian-share:end -->\n")
     share.main(quick=True, readme=str(readme))
@@ -120,10 +124,7 @@ def test_uci_quality_benchmarks_run_in_quick_mode(script, tmp_path):
 
 
 def test_uci_benchmark_measures_the_method_families_asked_in_table_order():
-    spec = importlib.util.spec_from_file_location("vinn_benchmarks_uci", ROOT / "benchmarks" / "quality" / "uci.py")
-    uci = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = uci  # its dataclass looks its module up there
-    spec.loader.exec_module(uci)
+    uci = _benchmark("vinn_benchmarks_uci", "quality/uci.py")
     names = lambda families: [m.name for m in uci.methods(families, [0.01, 0.05])]  # noqa: E731
     assert names(["vinn"]) == ["vinn (recipe)"]
     assert names(["dropout", "vinn"]) == ["vinn (recipe)", "MC dropout p=0.01", "MC dropout p=0.05"]

@@ -29,14 +29,15 @@ def init_column_covariance(model: nn.Module, data: Tensor | Iterable[Any], dampi
     posterior, so that an input unlike the data gets a larger predictive variance (``u_i xᵀVx``).
     c keeps the mean over ``data`` of xᵀVx at that of xᵀx: on inputs like ``data`` the layer
     starts as uncertain as with V = I. Every other scale of the layer (each row's variance u_i,
-    the bias's) is reset from its ``init_scale``, as `BayesianLayer.reset_scale` does. Call it once after building or converting the
-    model and before training: the ELBO then trains V from there.
+    the bias's) is reset from its ``init_scale``, as `BayesianLayer.reset_scale` does. Call it
+    once after building or converting the model and before training: the ELBO then trains V from
+    there.
 
     ``data``: a batch of inputs, or an iterable of batches (a ``DataLoader``), each a tensor or a
     tuple or list whose first element is the input (an ``(x, y)`` pair); for a large training set
-    a random subset of a few times ``in_features`` examples estimates S well enough. ``model`` runs on them at
-    its posterior means (`vinn.deterministic`), in eval mode (batch norm statistics untouched) and
-    without gradients; every module's train/eval mode is restored. Returns the names of the
+    a random subset of a few times ``in_features`` examples estimates S well enough. ``model``
+    runs on them at its posterior means (`vinn.deterministic`), in eval mode (batch norm
+    statistics untouched) and without gradients; every module's train/eval mode is restored. Returns the names of the
     layers it set. ValueError if ``model`` has no MatrixNormal layer, ``damping`` is not positive,
     or ``data`` is empty; TypeError for a batch that is no tensor.
     """
@@ -61,7 +62,8 @@ def init_column_covariance(model: nn.Module, data: Tensor | Iterable[Any], dampi
     for name, layer in layers.items():
         second_moment = moments[name].value(name)
         columns = len(second_moment)
-        precision = second_moment + damping * second_moment.trace() / columns * torch.eye(columns, dtype=second_moment.dtype, device=second_moment.device)
+        precision = second_moment.clone()
+        precision.diagonal().add_(damping * second_moment.trace() / columns)
         covariance = torch.cholesky_inverse(torch.linalg.cholesky(precision))
         # E[xᵀVx] = tr(S V): scaled to tr(S) = E[xᵀx]
         covariance *= second_moment.trace() / (second_moment * covariance).sum()
@@ -70,7 +72,8 @@ def init_column_covariance(model: nn.Module, data: Tensor | Iterable[Any], dampi
 
 
 class _SecondMoment:
-    """Σ x xᵀ and the count of the inputs a layer sees, accumulated in float64 on their device by a forward pre-hook."""
+    """Σ x xᵀ and the count of the inputs a layer sees, accumulated by a forward pre-hook in float64
+    on their device."""
 
     def __init__(self) -> None:
         self.sum: Tensor | None = None

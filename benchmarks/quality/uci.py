@@ -93,18 +93,17 @@ def mc_dropout(rate: float, inputs: int, train_size: int) -> tuple[uci.Regressor
     return uci.Regressor(body, uci.NOISE_VAR), loss
 
 
-METHOD_FAMILIES = ("vinn", "deterministic", "dropout")
+# The row families of the table, in table order, each giving its rows for the MC dropout rates asked.
+METHOD_FAMILIES: dict[str, Callable[[list[float]], list[Method]]] = {
+    "vinn": lambda rates: [Method("vinn (recipe)", vinn_recipe)],
+    "deterministic": lambda rates: [Method("deterministic", deterministic)],
+    "dropout": lambda rates: [Method(f"MC dropout p={rate:g}", functools.partial(mc_dropout, rate)) for rate in rates],
+}
 
 
 def methods(families: list[str], dropout_rates: list[float]) -> list[Method]:
-    """The rows of the table, in the order of `METHOD_FAMILIES`: the vinn recipe, the deterministic
-    net, MC dropout at each rate; each only if its family is in ``families``."""
-    rows = {
-        "vinn": [Method("vinn (recipe)", vinn_recipe)],
-        "deterministic": [Method("deterministic", deterministic)],
-        "dropout": [Method(f"MC dropout p={rate:g}", functools.partial(mc_dropout, rate)) for rate in dropout_rates],
-    }
-    return [method for family in METHOD_FAMILIES if family in families for method in rows[family]]
+    """The rows of the table for each family in ``families`` (keys of `METHOD_FAMILIES`), in table order."""
+    return [method for family, rows in METHOD_FAMILIES.items() if family in families for method in rows(dropout_rates)]
 
 
 def run_split(
@@ -159,7 +158,7 @@ def main() -> None:
     parser.add_argument("--splits", type=int, help="number of random splits (default: 20)")
     parser.add_argument("--datasets", nargs="+", choices=uci.DATASETS, default=list(uci.DATASETS))
     parser.add_argument(
-        "--methods", nargs="+", choices=METHOD_FAMILIES, default=list(METHOD_FAMILIES),
+        "--methods", nargs="+", choices=list(METHOD_FAMILIES), default=list(METHOD_FAMILIES),
         help="the measured rows (default: all; dropout gives one row per --dropout rate)",
     )  # fmt: skip
     parser.add_argument(
