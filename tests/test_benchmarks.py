@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+import vinn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,6 +132,40 @@ def test_uci_benchmark_measures_the_method_families_asked_in_table_order():
     assert names(["vinn"]) == ["vinn (recipe)"]
     assert names(["dropout", "vinn"]) == ["vinn (recipe)", "MC dropout p=0.01", "MC dropout p=0.05"]
     assert names(list(uci.METHOD_FAMILIES)) == ["vinn (recipe)", "deterministic", "MC dropout p=0.01", "MC dropout p=0.05"]
+
+
+def test_uci_regressor_predicts_mean_and_noise_variance_per_input_or_shared():
+    uci = _benchmark("vinn_benchmarks_uci_common", "quality/uci_common.py")
+    x = torch.randn(5, 13)
+    per_input, shared = uci.bayesian_regressor(13, "per-input"), uci.bayesian_regressor(13, "shared")
+    for model in (per_input, shared):
+        out = vinn.sample(model.eval(), x, 3)
+        assert out.shape == (3, 5, 2) and (out[..., 1] > 0).all()
+    # shared: one variance, a log-variance trained at the scales' rate; per input: the body's output
+    assert torch.equal(shared(x)[:, 1], torch.full((5,), uci.NOISE_VAR))
+    assert per_input(x)[:, 1].unique().numel() == 5
+    scale_group = lambda model: {id(p) for p in vinn.param_groups(model, lr=1e-3)[1]["params"]}  # noqa: E731
+    assert id(shared.noise_log_sigma2) in scale_group(shared) and not hasattr(per_input, "noise_log_sigma2")
+    body = nn.Sequential(nn.Linear(13, 2))
+    torch.nn.init.zeros_(body[0].weight)
+    assert torch.allclose(uci.Regressor(body, "per-input")(x)[:, 1], torch.tensor(uci.NOISE_VAR))  # starts there
+    with pytest.raises(ValueError, match="noise must be one of"):
+        uci.Regressor(body, "homoscedastic")
+
+
+def test_uci_mixture_log_likelihood_is_that_of_the_components_in_the_targets_units():
+    uci = _benchmark("vinn_benchmarks_uci_common", "quality/uci_common.py")
+    y_test = torch.tensor([10.0, 14.0], dtype=torch.float64)
+    data = uci.Split(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(2, 1), y_test, y_mean=12.0, y_std=2.0)
+    # two components per point, standardized (mean, variance); in the target's units N(12 ± 2, 4 var)
+    components = torch.tensor([[[-1.0, 1.0], [1.0, 0.25]], [[1.0, 1.0], [1.0, 0.25]]])
+    rmse, ll = uci.mixture_scores(components, data)
+    normal = torch.distributions.Normal
+    point0 = torch.stack([normal(10.0, 2.0).log_prob(torch.tensor(10.0)), normal(14.0, 2.0).log_prob(torch.tensor(10.0))])
+    point1 = normal(14.0, 1.0).log_prob(torch.tensor(14.0))
+    expected = ((point0.logsumexp(0) - math.log(2)) + point1) / 2
+    assert ll == pytest.approx(float(expected), rel=1e-6)
+    assert rmse == pytest.approx(math.sqrt((2.0**2 + 0.0**2) / 2))
 
 
 @pytest.mark.slow

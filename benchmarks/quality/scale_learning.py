@@ -64,8 +64,10 @@ def median_scale(model: torch.nn.Module) -> float:
     return float(torch.cat(scales).median())
 
 
-def trajectory(dataset: str, ratio: float, index: int, max_epochs: int) -> dict[str, object]:
-    """Train on split ``index`` of ``dataset`` with scale lr ``ratio * lr`` until converged.
+def trajectory(dataset: str, ratio: float, index: int, max_epochs: int, noise: str) -> dict[str, object]:
+    """Train the recipe (noise model ``noise``) on split ``index`` of ``dataset`` until converged.
+
+    The scale learning rate is ``ratio * lr``.
 
     Returns ``sigma``: the median σ before training and after every epoch (list, epochs + 1
     values), ``converged``: the epoch it converged at or None, and ``ll``: {epoch: test LL} at
@@ -75,7 +77,7 @@ def trajectory(dataset: str, ratio: float, index: int, max_epochs: int) -> dict[
     x, y = uci.load(dataset)
     data = uci.split(x, y, index)
     torch.manual_seed(index)
-    model = uci.bayesian_regressor(x.shape[1])
+    model = uci.bayesian_regressor(x.shape[1], noise)
     loss = uci.elbo_loss(model, len(data.y_train))
     optimizer = torch.optim.Adam(vinn.param_groups(model, lr=uci.LR, scale_lr=ratio * uci.LR))
     sigma, ll = [median_scale(model)], {}
@@ -121,6 +123,10 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=uci.DATASETS, default=["boston"])
     parser.add_argument("--splits", type=int, help="splits per ratio (default: 2)")
     parser.add_argument("--max-epochs", type=int, help="stop a run that has not converged by then (default: 1000)")
+    parser.add_argument(
+        "--noise", choices=uci.NOISE_MODELS, default=uci.NOISE_MODELS[0],
+        help="noise variance: per input, an output of the network (default), or shared by all inputs",
+    )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default: 1)")
     parser.add_argument("--out", type=Path, help="results file (default: results-scale-learning-<date>.md here)")
     parser.add_argument("--readme", type=Path, help="Markdown file whose scale-learning block gets the table (README.md)")
@@ -134,7 +140,7 @@ def main() -> None:
     start = time.perf_counter()
     keys = [(d, r) for d in args.datasets for r in ratios]
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = {key: [pool.submit(trajectory, *key, i, max_epochs) for i in range(splits)] for key in keys}
+        futures = {key: [pool.submit(trajectory, *key, i, max_epochs, args.noise) for i in range(splits)] for key in keys}
         runs = {key: [f.result() for f in fs] for key, fs in futures.items()}
     elapsed = time.perf_counter() - start
 
@@ -142,7 +148,7 @@ def main() -> None:
     lines = [
         f"# Posterior scale learning, {today}",
         "",
-        f"`{' '.join(['benchmarks/quality/scale_learning.py', *sys.argv[1:]])}`: recipe {uci.RECIPE}; Adam lr "
+        f"`{' '.join(['benchmarks/quality/scale_learning.py', *sys.argv[1:]])}`: recipe {uci.recipe(args.noise)}; Adam lr "
         f"{uci.LR}, batch {uci.BATCH_SIZE}, scale lr = ratio x lr; {splits} split(s) per ratio (σ: geometric "
         f"mean over splits, LL: mean); converged = median σ moved < {TOLERANCE:.0%} over {WINDOW} epochs, "
         f"at most {max_epochs} epochs. \"% at {BUDGET}\": share of the way from the initial to the final median "

@@ -3,13 +3,15 @@ the published VI, PBP and MC-dropout rows.
 
 Measures, on Boston housing and red wine quality (``../shared/data/uci/``, beside the repository),
 the test RMSE and test log-likelihood (nats per test point, of the predictive mixture, in the
-target's original units) of a 13-50-1 / 11-50-1 ReLU network trained with Adam (lr 1e-3, batch 32)
-for each budget in ``--epochs``, over ``--splits`` random 90/10 splits (split i is seeded with i),
-as mean ± standard error over the splits. Every method learns its noise variance and is trained
-with the same optimizer groups (`vinn.param_groups`, scale lr ``--scale-lr-ratio`` x lr: the
-posterior scales and every learned noise log-variance); a model is scored at each budget of one
-training run (scoring leaves the training's random stream untouched, so the 40-epoch row is the
-40-epoch model). Methods:
+target's original units) of a network with one hidden layer of 50 ReLU units trained with Adam (lr
+1e-3, batch 32) for each budget in ``--epochs``, over ``--splits`` random 90/10 splits (split i is
+seeded with i), as mean ± standard error over the splits. Every method learns its noise variance,
+``--noise``: ``per-input`` (the default), a second output of the network, so the noise can differ
+from input to input (heteroscedastic); ``shared``, one variance for all inputs, the published
+rows' model, learned as a log-variance at the posterior scales' rate. Every method is trained
+with the same optimizer groups (`vinn.param_groups`, scale lr ``--scale-lr-ratio`` x lr); a model
+is scored at each budget of one training run (scoring leaves the training's random stream
+untouched, so the 40-epoch row is the 40-epoch model). Methods:
 
 - ``vinn``: the recommended recipe (`uci_common.bayesian_regressor`, trained on `vinn.ELBO`),
   100 posterior samples;
@@ -59,38 +61,38 @@ DROPOUT_LENGTH_SCALE = 1e-2  # Gal & Ghahramani's prior length scale, which sets
 
 @dataclass(frozen=True)
 class Method:
-    """A row family of the table: ``build(inputs, train_size)`` gives the network and its loss."""
+    """A row of the table: ``build(inputs, train_size, noise)`` gives the network and its loss."""
 
     name: str
-    build: Callable[[int, int], tuple[uci.Regressor, uci.Loss]]
+    build: Callable[[int, int, str], tuple[uci.Regressor, uci.Loss]]
 
 
-def vinn_recipe(inputs: int, train_size: int) -> tuple[uci.Regressor, uci.Loss]:
+def vinn_recipe(inputs: int, train_size: int, noise: str) -> tuple[uci.Regressor, uci.Loss]:
     """The recommended vinn network and its negative ELBO."""
-    model = uci.bayesian_regressor(inputs)
+    model = uci.bayesian_regressor(inputs, noise)
     return model, uci.elbo_loss(model, train_size)
 
 
-def deterministic(inputs: int, train_size: int) -> tuple[uci.Regressor, uci.Loss]:
+def deterministic(inputs: int, train_size: int, noise: str) -> tuple[uci.Regressor, uci.Loss]:
     """The same network with torch.nn layers and the Gaussian negative log-likelihood."""
-    body = nn.Sequential(nn.Linear(inputs, uci.HIDDEN), nn.ReLU(), nn.Linear(uci.HIDDEN, 1))
-    return uci.Regressor(body, uci.NOISE_VAR), uci.gaussian_nll
+    body = nn.Sequential(nn.Linear(inputs, uci.HIDDEN), nn.ReLU(), nn.Linear(uci.HIDDEN, uci.outputs(noise)))
+    return uci.Regressor(body, noise), uci.gaussian_nll
 
 
-def mc_dropout(rate: float, inputs: int, train_size: int) -> tuple[uci.Regressor, uci.Loss]:
+def mc_dropout(rate: float, inputs: int, train_size: int, noise: str) -> tuple[uci.Regressor, uci.Loss]:
     """Gal & Ghahramani's UCI network: dropout ``rate`` before each Linear, and their weight decay.
 
     The decay is their prior's, ``l² (1 - p) / (2 N) ||W||²`` per example with length scale
     ``l`` (the noise precision of their formula is learned here, inside the likelihood).
     """
-    linears = [nn.Linear(inputs, uci.HIDDEN), nn.Linear(uci.HIDDEN, 1)]
+    linears = [nn.Linear(inputs, uci.HIDDEN), nn.Linear(uci.HIDDEN, uci.outputs(noise))]
     body = nn.Sequential(nn.Dropout(rate), linears[0], nn.ReLU(), nn.Dropout(rate), linears[1])
     decay = DROPOUT_LENGTH_SCALE**2 * (1 - rate) / (2 * train_size)
 
     def loss(model: uci.Regressor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return uci.gaussian_nll(model, x, y) + decay * sum(linear.weight.square().sum() for linear in linears)
 
-    return uci.Regressor(body, uci.NOISE_VAR), loss
+    return uci.Regressor(body, noise), loss
 
 
 # The row families of the table, in table order, each giving its rows for the MC dropout rates asked.
@@ -107,14 +109,17 @@ def methods(families: list[str], dropout_rates: list[float]) -> list[Method]:
 
 
 def run_split(
-    method: Method, dataset: str, index: int, epochs: tuple[int, ...], scale_lr_ratio: float
+    method: Method, dataset: str, index: int, epochs: tuple[int, ...], scale_lr_ratio: float, noise: str
 ) -> dict[int, tuple[float, float]]:
-    """Train ``method`` on split ``index`` of ``dataset``: {epoch: (test RMSE, test LL)} for each budget."""
+    """Train ``method`` with noise model ``noise`` on split ``index`` of ``dataset``.
+
+    Returns {epoch: (test RMSE, test LL)} for each budget in ``epochs``.
+    """
     torch.set_num_threads(1)
     x, y = uci.load(dataset)
     data = uci.split(x, y, index)
     torch.manual_seed(index)
-    model, loss = method.build(x.shape[1], len(data.y_train))
+    model, loss = method.build(x.shape[1], len(data.y_train), noise)
     optimizer = torch.optim.Adam(vinn.param_groups(model, lr=uci.LR, scale_lr=scale_lr_ratio * uci.LR))
     results = {}
 
@@ -162,12 +167,16 @@ def main() -> None:
         help="the measured rows (default: all; dropout gives one row per --dropout rate)",
     )  # fmt: skip
     parser.add_argument(
-        "--scale-lr-ratio", type=float, default=vinn.SCALE_LR_RATIO,
-        help=f"scale_lr / lr of vinn.param_groups, for every method (default: vinn.SCALE_LR_RATIO = {vinn.SCALE_LR_RATIO:g})",
+        "--scale-lr-ratio", type=float, default=uci.SCALE_LR_RATIO,
+        help=f"scale_lr / lr of vinn.param_groups, for every method (default: the recipe's {uci.SCALE_LR_RATIO:g})",
     )  # fmt: skip
     parser.add_argument(
         "--dropout", type=float, nargs="+", default=list(DROPOUT_RATES),
         help=f"MC dropout rates, one row each (default: {' '.join(map(str, DROPOUT_RATES))}, from Gal & Ghahramani's grid)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--noise", choices=uci.NOISE_MODELS, default=uci.NOISE_MODELS[0],
+        help="noise variance of every method: per input, an output of the network (default), or shared by all inputs",
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default: 1)")
     parser.add_argument("--out", type=Path, help="results file (default: results-uci-<date>.md here; none with --quick)")
@@ -182,7 +191,7 @@ def main() -> None:
     rows = methods(args.methods, args.dropout)
     tasks = [(m, d, i) for m in rows for d in args.datasets for i in range(splits)]
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = {task: pool.submit(run_split, *task, epochs, args.scale_lr_ratio) for task in tasks}
+        futures = {task: pool.submit(run_split, *task, epochs, args.scale_lr_ratio, args.noise) for task in tasks}
         results: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
         for (method, dataset, _), future in futures.items():
             for epoch, score in future.result().items():
@@ -194,7 +203,7 @@ def main() -> None:
         "",
         f"`{' '.join(['benchmarks/quality/uci.py', *sys.argv[1:]])}`: {splits} splits, {SAMPLES} samples, "
         f"Adam lr {uci.LR} batch {uci.BATCH_SIZE}, vinn.param_groups with scale lr = {args.scale_lr_ratio:g} x lr; "
-        f"recipe: {uci.RECIPE}. torch {torch.__version__}, Python {platform.python_version()}, "
+        f"recipe: {uci.recipe(args.noise)}. torch {torch.__version__}, Python {platform.python_version()}, "
         f"{args.jobs} process(es) x 1 thread, {elapsed:.0f} s. Test RMSE and test log-likelihood "
         "(nats per point) in the target's units, mean ± standard error over splits.",
         "",
