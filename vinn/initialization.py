@@ -37,9 +37,9 @@ def init_column_covariance(model: nn.Module, data: Tensor | Iterable[Any], dampi
     tuple or list whose first element is the input (an ``(x, y)`` pair); for a large training set
     a random subset of a few times ``in_features`` examples estimates S well enough. ``model``
     runs on them at its posterior means (`vinn.deterministic`), in eval mode (batch norm
-    statistics untouched) and without gradients; every module's train/eval mode is restored. Returns the names of the
-    layers it set. ValueError if ``model`` has no MatrixNormal layer, ``damping`` is not positive,
-    or ``data`` is empty; TypeError for a batch that is no tensor.
+    statistics untouched) and without gradients; every module's train/eval mode is restored.
+    Returns the names of the layers it set. ValueError if ``model`` has no MatrixNormal layer,
+    ``damping`` is not positive, or ``data`` is empty; TypeError for a batch that is no tensor.
     """
     validation.module(model)
     damping = validation.real(damping, "damping", low=0, low_open=True)

@@ -110,7 +110,7 @@ class Regressor(nn.Module):
         super().__init__()
         if noise not in NOISE_MODELS:
             raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
-        self.body = body
+        self.body, self.noise = body, noise
         if noise == "shared":
             self.noise_log_sigma2 = nn.Parameter(torch.tensor(math.log(NOISE_VAR)))
         else:
@@ -119,7 +119,7 @@ class Regressor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.body(x)
-        if hasattr(self, "noise_log_sigma2"):
+        if self.noise == "shared":
             return torch.cat([out, self.noise_log_sigma2.exp().expand_as(out)], 1)
         return torch.stack([out[:, 0], nn.functional.softplus(out[:, 1]) + MIN_NOISE_VAR], 1)
 
