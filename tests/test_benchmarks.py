@@ -145,12 +145,46 @@ def test_uci_regressor_predicts_mean_and_noise_variance_per_input_or_shared():
     assert torch.equal(shared(x)[:, 1], torch.full((5,), uci.NOISE_VAR))
     assert per_input(x)[:, 1].unique().numel() == 5
     scale_group = lambda model: {id(p) for p in vinn.param_groups(model, lr=1e-3)[1]["params"]}  # noqa: E731
-    assert id(shared.noise_log_sigma2) in scale_group(shared) and not hasattr(per_input, "noise_log_sigma2")
+    assert id(shared.noise_log_sigma2) in scale_group(shared)
     body = nn.Sequential(nn.Linear(13, 2))
     torch.nn.init.zeros_(body[0].weight)
     assert torch.allclose(uci.Regressor(body, "per-input")(x)[:, 1], torch.tensor(uci.NOISE_VAR))  # starts there
     with pytest.raises(ValueError, match="noise must be one of"):
         uci.Regressor(body, "homoscedastic")
+
+
+def test_uci_per_input_noise_warms_up_on_the_shared_variance_and_hands_over_from_its_value():
+    uci = _benchmark("vinn_benchmarks_uci_common", "quality/uci_common.py")
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 13), torch.randn(64, 1)
+    data = uci.Split(x, y, x[:8], y[:8], y_mean=0.0, y_std=1.0)
+    model = uci.bayesian_regressor(13, "per-input")
+    last = model.body[-1]
+    start = last.weight_log_sigma2[1].clone()
+    optimizer = torch.optim.Adam(vinn.param_groups(model, lr=1e-2))
+    shared_by_epoch = {}
+
+    def on_epoch(epoch):
+        shared_by_epoch[epoch] = model.shared
+        if epoch == 1:  # during the warm-up: one variance for every input, that of the shared parameter
+            variance = model.eval()(x)[:, 1]
+            assert torch.equal(variance, model.noise_log_sigma2.exp().expand(64))
+
+    uci.train(model, uci.elbo_loss(model, 64), optimizer, data, 3, seed=0, warmup=2, on_epoch=on_epoch)
+    assert shared_by_epoch == {1: True, 2: False, 3: False}
+    # the variance output took over at epoch 2 with the shared value, its row's scales as before the warm-up
+    handover = uci.bayesian_regressor(13, "per-input")
+    handover.share_noise(True)
+    with torch.no_grad():
+        handover.noise_log_sigma2.fill_(math.log(0.3))
+        handover.body[-1].weight_log_sigma2[1] += 5.0  # what the KL alone does to an unused row
+    handover.share_noise(False)
+    with vinn.deterministic():
+        assert torch.allclose(handover(x)[:, 1], torch.tensor(0.3))
+    assert torch.equal(handover.body[-1].weight_log_sigma2[1], uci.bayesian_regressor(13, "per-input").body[-1].weight_log_sigma2[1])
+    assert not torch.equal(last.weight_log_sigma2[1], start)  # and the trained model learned on from there
+    with pytest.raises(ValueError, match="no per-input variance"):
+        uci.bayesian_regressor(13, "shared").share_noise(False)
 
 
 def test_uci_mixture_log_likelihood_is_that_of_the_components_in_the_targets_units():

@@ -148,7 +148,7 @@ def main() -> None:
     lines = [
         f"# Posterior scale learning, {today}",
         "",
-        f"`{' '.join(['benchmarks/quality/scale_learning.py', *sys.argv[1:]])}`: recipe {uci.recipe(args.noise)}; Adam lr "
+        f"`{' '.join(['benchmarks/quality/scale_learning.py', *sys.argv[1:]])}`: recipe {uci.recipe(args.noise, 0)}; Adam lr "
         f"{uci.LR}, batch {uci.BATCH_SIZE}, scale lr = ratio x lr; {splits} split(s) per ratio (σ: geometric "
         f"mean over splits, LL: mean); converged = median σ moved < {TOLERANCE:.0%} over {WINDOW} epochs, "
         f"at most {max_epochs} epochs. \"% at {BUDGET}\": share of the way from the initial to the final median "

@@ -8,10 +8,13 @@ target's original units) of a network with one hidden layer of 50 ReLU units tra
 seeded with i), as mean ± standard error over the splits. Every method learns its noise variance,
 ``--noise``: ``per-input`` (the default), a second output of the network, so the noise can differ
 from input to input (heteroscedastic); ``shared``, one variance for all inputs, the published
-rows' model, learned as a log-variance at the posterior scales' rate. Every method is trained
-with the same optimizer groups (`vinn.param_groups`, scale lr ``--scale-lr-ratio`` x lr); a model
-is scored at each budget of one training run (scoring leaves the training's random stream
-untouched, so the 40-epoch row is the 40-epoch model). Methods:
+rows' model, learned as a log-variance at the posterior scales' rate. With ``per-input``, every
+method first fits its mean: it uses one shared variance for the first ``--warmup`` share of each
+budget (default `uci_common.WARMUP`, a half), then its variance output, started at that value.
+Every method is trained with the same optimizer groups (`vinn.param_groups`, scale lr
+``--scale-lr-ratio`` x lr). Each budget is a training run of its own; without a warm-up one run is
+scored at each budget (scoring leaves the training's random stream untouched, so the 40-epoch row
+is the 40-epoch model). Methods:
 
 - ``vinn``: the recommended recipe (`uci_common.bayesian_regressor`, trained on `vinn.ELBO`),
   100 posterior samples;
@@ -109,25 +112,29 @@ def methods(families: list[str], dropout_rates: list[float]) -> list[Method]:
 
 
 def run_split(
-    method: Method, dataset: str, index: int, epochs: tuple[int, ...], scale_lr_ratio: float, noise: str
+    method: Method, dataset: str, index: int, epochs: tuple[int, ...], scale_lr_ratio: float, noise: str, warmup: float
 ) -> dict[int, tuple[float, float]]:
-    """Train ``method`` with noise model ``noise`` on split ``index`` of ``dataset``.
+    """Train ``method`` with noise model ``noise`` on split ``index`` of ``dataset``, its variance
+    shared for the first ``warmup`` share of each budget.
 
     Returns {epoch: (test RMSE, test LL)} for each budget in ``epochs``.
     """
     torch.set_num_threads(1)
     x, y = uci.load(dataset)
     data = uci.split(x, y, index)
-    torch.manual_seed(index)
-    model, loss = method.build(x.shape[1], len(data.y_train), noise)
-    optimizer = torch.optim.Adam(vinn.param_groups(model, lr=uci.LR, scale_lr=scale_lr_ratio * uci.LR))
     results = {}
+    # the warm-up's length depends on the budget: then every budget is a run of its own
+    for budgets in [epochs] if warmup == 0 or noise == "shared" else [(epoch,) for epoch in epochs]:
+        torch.manual_seed(index)
+        model, loss = method.build(x.shape[1], len(data.y_train), noise)
+        optimizer = torch.optim.Adam(vinn.param_groups(model, lr=uci.LR, scale_lr=scale_lr_ratio * uci.LR))
 
-    def on_epoch(epoch: int) -> None:
-        if epoch in epochs:
-            results[epoch] = uci.scores(model, data, SAMPLES, seed=index)
+        def on_epoch(epoch: int, model: uci.Regressor = model, budgets: tuple[int, ...] = budgets) -> None:
+            if epoch in budgets:
+                results[epoch] = uci.scores(model, data, SAMPLES, seed=index)
 
-    uci.train(model, loss, optimizer, data, max(epochs), seed=index, on_epoch=on_epoch)
+        budget = max(budgets)
+        uci.train(model, loss, optimizer, data, budget, seed=index, warmup=round(warmup * budget), on_epoch=on_epoch)
     return results
 
 
@@ -178,10 +185,16 @@ def main() -> None:
         "--noise", choices=uci.NOISE_MODELS, default=uci.NOISE_MODELS[0],
         help="noise variance of every method: per input, an output of the network (default), or shared by all inputs",
     )  # fmt: skip
+    parser.add_argument(
+        "--warmup", type=float, default=uci.WARMUP,
+        help=f"share of each budget a per-input noise model spends with a shared variance (default: the recipe's {uci.WARMUP:g})",
+    )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default: 1)")
     parser.add_argument("--out", type=Path, help="results file (default: results-uci-<date>.md here; none with --quick)")
     parser.add_argument("--readme", type=Path, help="Markdown file whose uci block gets the table (README.md)")
     args = parser.parse_args()
+    if not 0 <= args.warmup < 1:
+        parser.error(f"--warmup must be a share of the budget in [0, 1), got {args.warmup:g}")
     epochs = tuple(sorted(args.epochs or ([2, 4] if args.quick else [40, 400])))
     splits = args.splits or (2 if args.quick else 20)
     today = datetime.date.today().isoformat()
@@ -191,7 +204,7 @@ def main() -> None:
     rows = methods(args.methods, args.dropout)
     tasks = [(m, d, i) for m in rows for d in args.datasets for i in range(splits)]
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = {task: pool.submit(run_split, *task, epochs, args.scale_lr_ratio, args.noise) for task in tasks}
+        futures = {task: pool.submit(run_split, *task, epochs, args.scale_lr_ratio, args.noise, args.warmup) for task in tasks}
         results: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
         for (method, dataset, _), future in futures.items():
             for epoch, score in future.result().items():
@@ -203,7 +216,7 @@ def main() -> None:
         "",
         f"`{' '.join(['benchmarks/quality/uci.py', *sys.argv[1:]])}`: {splits} splits, {SAMPLES} samples, "
         f"Adam lr {uci.LR} batch {uci.BATCH_SIZE}, vinn.param_groups with scale lr = {args.scale_lr_ratio:g} x lr; "
-        f"recipe: {uci.recipe(args.noise)}. torch {torch.__version__}, Python {platform.python_version()}, "
+        f"recipe: {uci.recipe(args.noise, args.warmup)}. torch {torch.__version__}, Python {platform.python_version()}, "
         f"{args.jobs} process(es) x 1 thread, {elapsed:.0f} s. Test RMSE and test log-likelihood "
         "(nats per point) in the target's units, mean ± standard error over splits.",
         "",
