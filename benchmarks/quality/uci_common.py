@@ -217,7 +217,8 @@ def train(
     """
     generator = torch.Generator().manual_seed(seed)
     n = len(data.y_train)
-    if warmup and model.noise == "per-input":
+    warmup = warmup if model.noise == "per-input" else 0  # a shared-noise model has nothing to hand over to
+    if warmup:
         model.share_noise(True)
     for epoch in range(1, epochs + 1):
         model.train()
@@ -225,7 +226,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss(model, data.x_train[batch], data.y_train[batch]).backward()
             optimizer.step()
-        if epoch == warmup and model.noise == "per-input":
+        if epoch == warmup:
             model.share_noise(False)
         if on_epoch is not None and on_epoch(epoch):
             return
