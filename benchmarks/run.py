@@ -1,33 +1,46 @@
 """vinn's speed and memory as ratios to the deterministic model, measured in the same process.
 
     python benchmarks/run.py [--device cpu|cuda] [--repeats 9] [--quick] [--no-compile]
+                             [--readme benchmarks/README.md] [--conversion-baseline REVISION]
 
-Prints a Markdown table (paste it into benchmarks/README.md with the date). Every time is the
-median over interleaved repetitions: the deterministic and the Bayesian variant run alternately,
-so drifts of the machine hit both alike.
+Prints a Markdown table, dated (``--readme`` writes it into that file's run block). Every time is
+the median over interleaved repetitions: the deterministic and the Bayesian variant run
+alternately, so drifts of the machine hit both alike. ``--conversion-baseline`` adds the
+conversion by vinn at an earlier git revision, timed in the same rounds (between processes this
+machine's noise is larger than the differences between versions).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import datetime
 import gc
+import importlib.util
+import io
 import os
 import platform
+import random
+import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
 from readme_blocks import rewrite_block  # noqa: E402
 
 import vinn  # noqa: E402
@@ -44,15 +57,19 @@ def synchronize(device: torch.device) -> None:
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, collect: bool = False
 ) -> dict[str, float]:
-    """Median seconds of each function, run round-robin ``repeats`` times after one warm-up each;
-    with ``collect``, each run after a garbage collection (for functions that leave cyclic garbage,
-    such as a converted model: collecting it inside a later timed run charges its cost to whichever
+    """Median seconds of each function, run round-robin ``repeats`` times after one warm-up each,
+    in a new random order every round (seeded): what one call leaves behind (freed memory that the
+    next call reuses instead of faulting in fresh pages) then favours none of them. With
+    ``collect``, each run after a garbage collection (for functions that leave cyclic garbage, such
+    as a converted model: collecting it inside a later timed run charges its cost to whichever
     function runs then)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in order.sample(list(fns), len(fns)):
+            fn = fns[name]
             if collect:
                 gc.collect()
             synchronize(device)
@@ -217,14 +234,41 @@ def bench_prediction(device: torch.device, repeats: int, batch: int, samples: in
     ]
 
 
-def bench_memory_and_conversion(device: torch.device, repeats: int) -> list[tuple[str, float]]:
+CONVERSION_ROUNDS = 4  # times the other rows' repetitions: a conversion takes a fraction of a second, and its time swings
+
+
+def vinn_at(revision: str) -> ModuleType:
+    """The ``vinn`` package as it was at git ``revision`` of this repository, imported beside this
+    checkout's as ``vinn_at_revision`` (vinn's modules import each other relatively), to time a
+    change against an earlier version in one process. ValueError if git cannot produce it."""
+    folder = Path(tempfile.mkdtemp(prefix="vinn-at-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "vinn"], capture_output=True)
+    if archive.returncode != 0:
+        raise ValueError(f"--conversion-baseline {revision!r}: git archive failed: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(folder, filter="data")
+    package = folder / "vinn_at_revision"
+    (folder / "vinn").rename(package)
+    spec = importlib.util.spec_from_file_location(package.name, package / "__init__.py", submodule_search_locations=[str(package)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[package.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_memory_and_conversion(device: torch.device, repeats: int, baseline: str | None = None) -> list[tuple[str, float]]:
+    """The memory row and the conversion row; with ``baseline`` (a git revision), the conversion
+    also by vinn at that revision, interleaved with the others in the same process."""
     det = resnet18(device)
     rows = [("parameters + buffers, bayesify(resnet18) / resnet18", numel(vinn.bayesify(det)) / numel(det))]
     resnet50 = torchvision.models.resnet50().to(device)
-    medians = interleaved_medians(
-        {"deepcopy": lambda: copy.deepcopy(resnet50), "bayesify": lambda: vinn.bayesify(resnet50)}, repeats, device, collect=True
-    )
-    rows.append(("time of bayesify(resnet50) / copy.deepcopy(resnet50)", medians["bayesify"] / medians["deepcopy"]))
+    versions = {"": vinn} if baseline is None else {"": vinn, f" with vinn at {baseline}": vinn_at(baseline)}
+    fns = {f"bayesify{label}": partial(version.bayesify, resnet50) for label, version in versions.items()}
+    medians = interleaved_medians({"deepcopy": partial(copy.deepcopy, resnet50), **fns}, repeats, device, collect=True)
+    for label in versions:
+        rows.append((f"time of bayesify(resnet50){label} / copy.deepcopy(resnet50)", medians[f"bayesify{label}"] / medians["deepcopy"]))
     return rows
 
 
@@ -288,6 +332,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one repetition on small batches: checks that everything runs")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (minutes of compiling)")
     parser.add_argument("--readme", help="Markdown file whose run block gets the table (benchmarks/README.md)")
+    parser.add_argument("--conversion-baseline", metavar="REVISION", help="also time bayesify by vinn at this git revision, in the same run")
     args = parser.parse_args()
     device = torch.device(args.device)
     # quick: one repetition on small batches, to check that every row runs
@@ -297,7 +342,7 @@ def main() -> None:
     sections = [
         lambda: bench_training(device, repeats, batch=batch),
         lambda: bench_prediction(device, repeats, batch=predict_batch, samples=samples),
-        lambda: bench_memory_and_conversion(device, repeats),
+        lambda: bench_memory_and_conversion(device, CONVERSION_ROUNDS * repeats, args.conversion_baseline),
         lambda: bench_gradient_variance(device, draws=10 if args.quick else 200),
     ]
     if not args.no_compile:

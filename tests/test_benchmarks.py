@@ -57,6 +57,21 @@ def test_benchmark_command_prints_every_row_and_writes_them_into_its_readme_bloc
     assert readme.read_text() == f"intro\n<!-- run:start -->\n{result.stdout.strip()}\n<!-- run:end -->\n"
 
 
+def test_conversion_baseline_is_vinn_at_a_git_revision_imported_beside_this_checkout():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = run.vinn_at("HEAD")
+    assert head is not vinn and head.Linear is not vinn.Linear
+    assert isinstance(head.bayesify(nn.Sequential(nn.Linear(3, 2))).get_submodule("0"), head.Linear)
+    rows = run.bench_memory_and_conversion(torch.device("cpu"), repeats=1, baseline="HEAD")
+    assert [name for name, _ in rows[1:]] == [
+        "time of bayesify(resnet50) / copy.deepcopy(resnet50)",
+        "time of bayesify(resnet50) with vinn at HEAD / copy.deepcopy(resnet50)",
+    ]
+    with pytest.raises(ValueError, match="git archive failed"):
+        run.vinn_at("no-such-revision")
+
+
 def test_every_installed_peer_starts_at_the_deterministic_weights_with_the_scale_asked():
     torch.manual_seed(0)
     det = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
@@ -214,3 +229,26 @@ def test_digits_ood_benchmark_runs_in_quick_mode(tmp_path):
     assert "old" not in text
     for method in ("pretrained", "bayesify full", "bayesify last layer, mean-field", "bayesify last layer, MatrixNormal", "MC dropout", "deep ensemble"):
         assert f"| {method} |" in text, text
+
+
+def test_digits_ood_tables_pair_each_method_with_the_pretrained_model_by_seed():
+    digits = _benchmark("vinn_benchmarks_digits_ood", "quality/digits_ood.py")
+    metrics = ("accuracy", "confidence", "NLL", "ECE", "Brier", "NLL (noisy labels)", "ECE (noisy labels)")
+
+    def result(ece: float, auroc: dict[str, float]) -> dict[str, float]:
+        return dict.fromkeys(metrics, 0.5) | {"ECE": ece} | {f"AUROC noise / {s}": auroc.get(s, 0.5) for s in digits.SCORE_NAMES}
+
+    # the pretrained model is scored on noise by its max probability, the Bayesian one by its mutual information
+    runs = [
+        {
+            "pretrained": result(0.03, {"max probability": 0.80 + 0.01 * seed}),
+            "bayesify full": result(0.02, {"-mutual information": 0.85 + 0.03 * seed}),
+        }
+        for seed in range(3)
+    ]
+    text = digits.tables(runs, ["noise"])
+    paired = text.split("paired by seed")[1].split("AUROC of each")[0]
+    row = next(line for line in paired.splitlines() if line.startswith("| bayesify full |")).split(" | ")
+    assert row[4] == "-0.010 ± 0.000"  # ECE: the same difference on every seed
+    assert row[-1] == "+0.070 ± 0.012 |"  # AUROC: differences 0.05, 0.07, 0.09, standard error 0.02 / sqrt(3)
+    assert "| pretrained |" not in paired

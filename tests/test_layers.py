@@ -295,6 +295,33 @@ def test_from_torch_copies_weights_and_leaves_module_alone():
         vinn.Conv2d.from_torch(nn.Conv1d(1, 1, 1))
 
 
+def test_from_torch_assign_takes_the_module_tensors_without_copying():
+    source = nn.Conv2d(3, 4, 3)
+    weight, bias = source.weight.detach().clone(), source.bias.detach().clone()
+    layer = vinn.Conv2d.from_torch(source, init_scale=0.01, assign=True)
+    assert layer.weight.data_ptr() == source.weight.data_ptr() and layer.bias.data_ptr() == source.bias.data_ptr()
+    assert isinstance(layer.weight, nn.Parameter) and layer.weight.requires_grad
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.bias, bias)
+    torch.testing.assert_close(layer.weight_scale, torch.full_like(weight, 0.01))
+    # a running statistic is taken too
+    norm = nn.BatchNorm1d(3)
+    norm.running_mean.normal_()
+    assert vinn.BatchNorm1d.from_torch(norm, assign=True).running_mean.data_ptr() == norm.running_mean.data_ptr()
+
+
+def test_bayesify_assigns_its_private_copy_and_leaves_the_model_alone():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    pointers = {p.data_ptr() for p in model.parameters()}
+    before = copy.deepcopy(model.state_dict())
+    bnn = vinn.bayesify(model)
+    assert not pointers & {p.data_ptr() for p in bnn.parameters()}
+    with torch.no_grad():
+        for p in bnn.parameters():
+            p.add_(1.0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
 def test_scalar_prior_is_not_copied_per_element():
     layer = vinn.Linear(100, 50)
     assert layer.weight_prior_loc.numel() == layer.weight_prior_scale.numel() == 1

@@ -11,6 +11,7 @@ The concrete layers only say which functional op they compute.
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib
 import inspect
 import math
@@ -556,13 +557,11 @@ class BayesianLayer(nn.Module):
     @classmethod
     def _config(cls, module: nn.Module) -> dict[str, Any]:
         """The constructor arguments that rebuild ``module``'s configuration (torch.nn names)."""
-        arguments = inspect.signature(cls._torch_cls.__init__).parameters
-        # the public arguments: private ones (nn.Embedding's _weight) only set the initial state
-        names = [n for n in arguments if n not in ("self", "device", "dtype") and not n.startswith("_")]
+        names, factory = _constructor_arguments(cls._torch_cls)
         config = {name: getattr(module, name) for name in names if name != "bias"}
         if "bias" in names:
             config["bias"] = module.bias is not None
-        if "device" in arguments:
+        if factory:
             config.update(_factory(module))
         return config
 
@@ -575,11 +574,15 @@ class BayesianLayer(nn.Module):
         prior: PriorArgument = None,
         init_scale: InitScale = DEFAULT_INIT_SCALE,
         estimator: str | None = None,
+        assign: bool = False,
     ) -> BayesianLayer:
         """The Bayesian layer with ``module``'s configuration whose posterior loc is ``module``'s weights.
 
         ``module`` must be exactly ``cls``'s torch.nn counterpart (a subclass may compute something
         else in its forward). Every constructor attribute is kept; ``module`` is not modified.
+        ``assign=True``, as in torch's ``load_state_dict(assign=True)``: the layer takes ``module``'s
+        tensors as its loc (and buffers) instead of copying them, which saves a weight-sized write
+        and allocation; the two then share that memory, so ``module`` must not be used afterwards.
         """
         if type(module) is not cls._torch_cls:
             raise TypeError(f"{cls.__name__}.from_torch takes a {cls._torch_cls.__name__}, got {type(module).__name__}")
@@ -591,7 +594,7 @@ class BayesianLayer(nn.Module):
             _skip_initialisation.reset(token)
         if "device" not in config:  # a torch layer built without device and dtype arguments
             layer.to(**_factory(module))
-        _copy_torch_state(module, layer)
+        _copy_torch_state(module, layer, assign)
         # a pretrained prior and a relative init_scale depend on the loc just copied
         layer._register_priors()
         layer.reset_scale()
@@ -747,6 +750,16 @@ def _initial_log_sigma2(init_scale: InitScale, name: str, loc: Tensor) -> float 
     return (2 * scale.log()).expand_as(loc)
 
 
+@functools.cache
+def _constructor_arguments(torch_cls: type[nn.Module]) -> tuple[tuple[str, ...], bool]:
+    """The public constructor arguments of a torch.nn layer class (private ones, nn.Embedding's
+    _weight, only set the initial state), and whether it takes device and dtype; cached: a
+    conversion asks once per layer, and `inspect.signature` is slow."""
+    arguments = inspect.signature(torch_cls.__init__).parameters
+    names = tuple(n for n in arguments if n not in ("self", "device", "dtype") and not n.startswith("_"))
+    return names, "device" in arguments
+
+
 def _factory(module: nn.Module) -> dict[str, Any]:
     """The device and dtype of ``module``'s first parameter, as torch.nn's factory keyword arguments."""
     parameter = next(module.parameters())
@@ -754,13 +767,17 @@ def _factory(module: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _copy_torch_state(source: nn.Module, target: nn.Module) -> None:
+def _copy_torch_state(source: nn.Module, target: nn.Module, assign: bool = False) -> None:
     """Copy the whole state of a torch.nn layer, every parameter and buffer (running statistics, a
-    MultiheadAttention's bias_k and out_proj), between it and its vinn layer, which has its own besides."""
+    MultiheadAttention's bias_k and out_proj), between it and its vinn layer, which has its own
+    besides; ``assign``: the target's tensors take the source's memory instead (same shapes and dtypes)."""
     sources = {**dict(source.named_parameters()), **dict(source.named_buffers())}
     targets = {**dict(target.named_parameters()), **dict(target.named_buffers())}
     for name in sources.keys() & targets.keys():
-        targets[name].copy_(sources[name])
+        if assign and (targets[name].dtype, targets[name].shape) == (sources[name].dtype, sources[name].shape):
+            targets[name].data = sources[name].detach()
+        else:
+            targets[name].copy_(sources[name])
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:

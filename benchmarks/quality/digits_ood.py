@@ -313,8 +313,9 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def tables(runs: list[dict[str, dict[str, float]]], ood_sets: list[str]) -> str:
-    """Two Markdown tables from per-seed results ``runs`` [{method: {metric: value}}]: the main
-    one (each method by its best score) and the AUROC of every score, method and set."""
+    """Three Markdown tables from per-seed results ``runs`` [{method: {metric: value}}]: the main
+    one (each set scored as the README recommends), its differences from the pretrained model
+    paired by seed, and the AUROC of every score, method and set."""
     methods = [m for m in METHODS if m in runs[0]]
     summary = {m: {k: mean_se([run[m][k] for run in runs]) for k in runs[0][m]} for m in methods}
 
@@ -329,19 +330,31 @@ def tables(runs: list[dict[str, dict[str, float]]], ood_sets: list[str]) -> str:
     best = {m: max(candidates[m], key=lambda score: mean_auroc(m, score)) for m in methods}
     metrics = ["accuracy", "confidence", "NLL", "ECE", "Brier", "NLL (noisy labels)", "ECE (noisy labels)"]
     columns = metrics + [f"AUROC {s} ({recommended_score(s, deterministic=False).removeprefix('-')})" for s in ood_sets]
-    main = [f"| method | {' | '.join(columns)} |", "|---" + "|---:" * len(columns) + "|"]
-    for m in methods:
-        values = [cell(m, c) for c in metrics] + [
-            cell(m, f"AUROC {s} / {recommended_score(s, deterministic=m == 'pretrained')}") for s in ood_sets
-        ]
-        main.append(f"| {m} | {' | '.join(values)} |")
+
+    def main_keys(method: str) -> list[str]:
+        return metrics + [f"AUROC {s} / {recommended_score(s, deterministic=method == 'pretrained')}" for s in ood_sets]
+
+    header = [f"| method | {' | '.join(columns)} |", "|---" + "|---:" * len(columns) + "|"]
+    main = header + [f"| {m} | {' | '.join(cell(m, k) for k in main_keys(m))} |" for m in methods]
+    # The targets compare each method with the pretrained model. Paired by seed, what a seed makes
+    # easier or harder for both cancels: the standard error is that of the difference.
+    paired = header.copy()
+    for m in methods[1:]:
+        differences = [mean_se([run[m][k] - run["pretrained"][p] for run in runs]) for k, p in zip(main_keys(m), main_keys("pretrained"))]
+        paired.append(f"| {m} | {' | '.join(f'{mean:+.3f} ± {se:.3f}' for mean, se in differences)} |")
     per_score = [f"| method | score | {' | '.join(ood_sets)} | mean |", "|---|---" + "|---:" * (len(ood_sets) + 1) + "|"]
     for m in methods:
         for score in candidates[m]:
             values = [cell(m, f"AUROC {s} / {score}") for s in ood_sets]
             marker = " **(best)**" if score == best[m] else ""
             per_score.append(f"| {m} | {score}{marker} | {' | '.join(values)} | {mean_auroc(m, score):.3f} |")
-    return "\n".join(main) + "\n\nAUROC of each out-of-distribution score:\n\n" + "\n".join(per_score)
+    return (
+        "\n".join(main)
+        + "\n\nMinus the pretrained model, paired by seed (mean ± standard error of the per-seed differences):\n\n"
+        + "\n".join(paired)
+        + "\n\nAUROC of each out-of-distribution score:\n\n"
+        + "\n".join(per_score)
+    )
 
 
 def main(seeds: list[int], quick: bool, out: str, jobs: int, readme: str | None = None) -> str:

@@ -223,7 +223,12 @@ def bayesify(
         bnn, candidates, usage = root, _module_tree_candidates(root, tied), None
     else:
         trace_error = None
-        bnn = BayesianGraphModule(root, graph, class_name=type(model).__name__)
+        for node in graph.nodes:
+            # A string annotation (`from __future__ import annotations`) becomes a str global of the
+            # generated code, which GraphModule pickling rejects in some torch versions (2.11).
+            if isinstance(node.type, str):
+                node.type = None
+        bnn = BayesianGraphModule(root, graph, class_name=type(model).__name__)  # compiles the graph's code
         usage = _graph_usage(root, graph)
         candidates = _graph_candidates(root, usage, tied)
 
@@ -242,7 +247,11 @@ def bayesify(
             UserWarning,
             stacklevel=2,
         )
-    modules = {id(c.layer): _bayesian_layer(c) for c in converted if c.layer is not None and c.call is None and not c.drawn_whole}
+    # The modules are root's, a private copy: their tensors become the locs, uncopied, unless tied
+    modules = {
+        id(c.layer): _bayesian_layer(c, assign=not any(f"{c.name}.{p}" in tied for p, _ in c.layer.named_parameters()))
+        for c in converted if c.layer is not None and c.call is None and not c.drawn_whole
+    }
     _tie(converted, modules)
     _replace_modules(bnn, modules)
     for candidate in converted:
@@ -259,13 +268,9 @@ def bayesify(
     if isinstance(bnn, BayesianGraphModule):
         for candidate, parametrization in random_parameters:
             _parametrize_traced(bnn, candidate, parametrization, usage)
-        for node in bnn.graph.nodes:
-            # A string annotation (`from __future__ import annotations`) becomes a str global of the
-            # generated code, which GraphModule pickling rejects in some torch versions (2.11).
-            if isinstance(node.type, str):
-                node.type = None
-        bnn.graph.lint()
-        bnn.recompile()
+        if random_parameters or any(c.call is not None for c in converted):  # the graph changed
+            bnn.graph.lint()
+            bnn.recompile()
         copy_hooks(root, bnn)
     else:
         if not isinstance(bnn, Module):
@@ -749,7 +754,7 @@ def _converted_with_their_owner(bnn: nn.Module, candidates: list[_Candidate]) ->
             candidate.spec, candidate.reason = owner.spec, None
 
 
-def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
+def _bayesian_layer(candidate: _Candidate, assign: bool = False) -> BayesianLayer:
     layer, spec = candidate.layer, candidate.spec
     try:
         if candidate.shares:  # the posterior is the first tied layer's: its family, prior and scale
@@ -761,6 +766,7 @@ def _bayesian_layer(candidate: _Candidate) -> BayesianLayer:
             prior=spec.prior,
             init_scale=spec.init_scale,
             estimator=spec.estimator,
+            assign=assign,
         )
     except (TypeError, ValueError) as error:  # a prior or init_scale that does not fit this layer
         raise type(error)(f"cannot convert {candidate.name or 'the model'}: {error}") from error
