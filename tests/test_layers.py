@@ -192,6 +192,26 @@ def test_conv_estimators_keep_shapes_and_moments(estimator, device):
     assert_moments(draws, mean, var)
 
 
+@pytest.mark.parametrize("shape", [(4000, 7), (3, 5, 1, 1), (1,)])
+def test_random_signs_are_fair_independent_and_exactly_plus_or_minus_one(shape, device):
+    """Flipout's signs, unpacked 31 to a random word: every sign ±1, each fair, and no two
+    correlated, neighbours within a word and across words' boundaries alike."""
+    torch.manual_seed(0)
+    like = torch.empty((), dtype=torch.float64, device=device)
+    signs = vinn.layers.random_signs(shape, like)
+    assert signs.shape == shape and signs.dtype == torch.float64 and signs.device == like.device
+    assert set(signs.unique().tolist()) <= {-1.0, 1.0}
+    draws = torch.stack([vinn.layers.random_signs((4000, 7), like).flatten() for _ in range(8)])  # 8 x 28000
+    n = draws.numel()
+    assert draws.mean().abs() < Z / math.sqrt(n)
+    for lag in (1, 2, 30, 31, 32):  # within a word, at and across a word's end
+        correlation = (draws[:, lag:] * draws[:, :-lag]).mean()
+        assert correlation.abs() < Z / math.sqrt(draws[:, lag:].numel())
+    # each bit of a word on its own is fair (a biased top bit would show here)
+    per_bit = draws[:, : 31 * 900].reshape(8, 900, 31).mean(dim=(0, 1))
+    assert per_bit.abs().max() < Z / math.sqrt(8 * 900)
+
+
 def test_estimator_defaults_and_bad_values():
     assert vinn.Linear(2, 2).estimator == "lrt" and vinn.Linear(2, 2, posterior=Laplace).estimator == "sample"
     assert vinn.Linear(2, 2, posterior=Laplace, estimator="flipout").estimator == "flipout"

@@ -224,7 +224,7 @@ class MultiheadAttention(BayesianLayer, nn.MultiheadAttention):
             return mean
         if self.estimator == "lrt":
             return normal_sample(mean, F.linear(input.square(), weight[1], bias[1]))
-        return mean + F.linear(input * self._random_signs(input), weight[1], bias[1]) * self._random_signs(mean)
+        return torch.addcmul(mean, F.linear(input * self._random_signs(input), weight[1], bias[1]), self._random_signs(mean))
 
 
 def _merged_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, heads: int, appended: int) -> Tensor | None:

@@ -494,7 +494,7 @@ class BayesianLayer(nn.Module):
             mean = self._op(input, *locs, *args, **kwargs)
             deltas = [self._perturbation(name) for name in self.parameter_names]
             flipped = self._op(input * self._random_signs(input), *deltas, *args, **kwargs)
-            return mean + flipped * self._random_signs(mean)
+            return torch.addcmul(mean, flipped, self._random_signs(mean))
         return self._op(input, *(self._draw_parameter(name) for name in self.parameter_names), *args, **kwargs)
 
     def _draw_parameter(self, name: str) -> Tensor | None:
@@ -654,9 +654,18 @@ class _NormalSample(torch.autograd.Function):
         return grad_mean, grad_var
 
 
+_BITS_PER_WORD = 31  # torch.randint(0, 2**31) draws its words uniformly: 31 independent fair bits each
+
+
 def random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Independent ±1 with probability ½ each, of ``shape``, with ``like``'s dtype and device: flipout's signs."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(0.5).mul_(2).sub_(1)
+    """Independent ±1 with probability ½ each, of ``shape``, with ``like``'s dtype and device: flipout's signs.
+
+    Unpacked from the bits of random words, 31 signs per draw of the generator: on a CPU,
+    ``bernoulli_(0.5)`` costs one draw and more per sign (3-20x slower for the signs of a batch)."""
+    count = math.prod(shape)
+    words = torch.randint(0, 2**_BITS_PER_WORD, (-(-count // _BITS_PER_WORD), 1), dtype=torch.int32, device=like.device)
+    bits = words.bitwise_right_shift(torch.arange(_BITS_PER_WORD, dtype=torch.int32, device=like.device)).bitwise_and_(1)
+    return bits.view(-1)[:count].view(shape).to(like.dtype).mul_(2).sub_(1)
 
 
 def _check_init_scale(init_scale: object) -> None:

@@ -303,7 +303,7 @@ class _FlippedLinear(NamedTuple):
     def __call__(self, x: Tensor, sequences: Tensor | slice) -> Tensor:
         """``x`` (rows, in_features), whose row i belongs to sequence ``sequences[i]`` (an index or a slice)."""
         flipped = F.linear(x * self.input_signs[sequences], self.delta_weight, self.delta_bias)
-        return F.linear(x, self.weight, self.bias) + flipped * self.output_signs[sequences]
+        return torch.addcmul(F.linear(x, self.weight, self.bias), flipped, self.output_signs[sequences])
 
 
 # -- the cells: (input part of the gates, hidden part, state) -> new state, as torch computes them ----
