@@ -101,6 +101,59 @@ def test_normal_kl_gradient_in_closed_form_equals_autograd_through_kl_divergence
     assert torch.autograd.gradcheck(lambda m, s: normal_kl(m, s, prior.loc, prior.scale), (loc, log_sigma2))
 
 
+def kl_and_gradients(layer):
+    layer.zero_grad(set_to_none=True)
+    kl = layer.kl
+    kl.backward()
+    return kl.detach(), [p.grad.clone() for p in (layer.weight, layer.weight_log_sigma2)]
+
+
+def reference_kl(layer):
+    q = Normal(layer.weight, layer.weight_scale)
+    return kl_divergence(q, Normal(0.0, 1.0)).sum() + kl_divergence(Normal(layer.bias, layer.bias_scale), Normal(0.0, 1.0)).sum()
+
+
+def test_kl_takes_sigma2_from_the_forward_pass_only_while_it_is_current():
+    """The KL reuses the σ² that local reparameterization's forward pass computed (no exp, no
+    allocation), with the same value and gradients, and computes its own once log σ² has changed."""
+    torch.manual_seed(0)
+    layer = vinn.Linear(5, 4, init_scale=0.2, dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    kept = vinn.distributions._step_sigma2
+    want, want_grads = kl_and_gradients(layer)  # no forward pass yet: computed here
+    layer(x)
+    assert layer.weight_log_sigma2 in kept
+    got, got_grads = kl_and_gradients(layer)
+    assert layer.weight_log_sigma2 not in kept  # taken by the KL
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    # twice through one graph: the shared σ² is not overwritten by the first backward
+    out = layer(x)
+    kl = layer.kl
+    first = torch.autograd.grad(kl, layer.weight_log_sigma2, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(kl, layer.weight_log_sigma2)[0], first)
+    torch.testing.assert_close(first, want_grads[1])
+    out.sum().backward()  # the forward pass's own backward still has its σ²
+    # an optimizer-like in-place update retires the forward's σ²
+    layer(x)
+    with torch.no_grad():
+        layer.weight_log_sigma2.add_(0.5)
+    assert vinn.distributions._current_sigma2(layer.weight_log_sigma2) is None
+    torch.testing.assert_close(layer.kl, reference_kl(layer))
+
+
+def test_kl_reuse_only_from_a_training_forward_pass_and_once():
+    layer = vinn.Linear(5, 4)
+    with torch.no_grad():
+        layer(torch.randn(3, 5))  # prediction: nothing kept
+    assert vinn.distributions._current_sigma2(layer.weight_log_sigma2) is None
+    layer(torch.randn(3, 5))
+    assert vinn.distributions._current_sigma2(layer.weight_log_sigma2) is not None
+    assert vinn.distributions._current_sigma2(layer.weight_log_sigma2) is None  # taken: held no longer
+    torch.testing.assert_close(layer.kl, reference_kl(layer))
+
+
 def test_normal_kl_gradient_is_straight_through_past_the_scale_bounds():
     # σ² is clamped to [MIN_SCALE², MAX_SCALE²]; the gradient of log σ² keeps pulling it back inside
     log_sigma2 = torch.tensor([-100.0, 100.0], dtype=torch.float64, requires_grad=True)
