@@ -1,6 +1,6 @@
 """vinn beside the libraries a user would pick instead, bayesian-torch and torchbnn, in one process.
 
-    python benchmarks/peers.py [--repeats 7] [--threads 1] [--quick] [--readme benchmarks/README.md]
+    python benchmarks/peers.py [--repeats 15] [--threads 1] [--quick] [--readme benchmarks/README.md]
 
 The peers are optional (``pip install -e ".[bench]"`` pins them): a library that is not installed
 gets a row saying so. Every figure is a ratio to the deterministic model in the same run, each
@@ -260,7 +260,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as in the issue's reference table)")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (7: about 6 minutes on one core)")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved repetitions (15: about 6 minutes on one core; fewer leave the ratios to this machine's noise)")
     parser.add_argument("--draws", type=int, default=200, help="gradient draws per row of the variance column")
     parser.add_argument("--quick", action="store_true", help="one repetition on batches of 2, T=4: checks that everything runs")
     parser.add_argument("--readme", help="Markdown file whose peers block gets the table")
