@@ -269,9 +269,10 @@ def sigma2(log_sigma2: Tensor) -> Tensor:
 # KL of the same step, which takes it (`_current_sigma2`). Local reparameterization's variance
 # pass computes σ² and keeps it for its backward pass; the KL needs it too, forward and backward:
 # taken from here it costs no exp and, on a CPU, no parameter-sized allocation (the KL's forward
-# and backward over a ResNet-18 after its forward pass: 47 -> 28 ms on this CPU). An in-place change of either tensor (of log σ²: an optimizer step) bumps
-# its version and retires the entry; one entry per parameter at most, so a forward pass whose KL
-# is never taken holds its σ² until the next one.
+# and backward over a ResNet-18 after its forward pass: 47 -> 28 ms on this CPU). An in-place
+# change of either tensor (of log σ²: an optimizer step) bumps its version and retires the
+# entry; one entry per parameter at most, so a forward pass whose KL is never taken holds its σ²
+# until the next one.
 _step_sigma2: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
