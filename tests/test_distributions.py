@@ -141,6 +141,12 @@ def test_kl_takes_sigma2_from_the_forward_pass_only_while_it_is_current():
         layer.weight_log_sigma2.add_(0.5)
     assert vinn.distributions._current_sigma2(layer.weight_log_sigma2) is None
     torch.testing.assert_close(layer.kl, reference_kl(layer))
+    # so does the backward pass: a KL computed before the next forward pass (``kl + nll(model(x))``)
+    # is right after an update that leaves log σ²'s version alone (a write through .data)
+    layer(x).sum().backward()
+    assert layer.weight_log_sigma2 not in kept
+    layer.weight_log_sigma2.data.sub_(0.7)
+    torch.testing.assert_close(layer.kl, reference_kl(layer))
 
 
 def test_kl_reuse_only_from_a_training_forward_pass_and_once():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -261,19 +262,30 @@ def sigma2(log_sigma2: Tensor) -> Tensor:
     """The posterior variance σ² (squared scale) from its parameter log σ², bounded and differentiable."""
     variance = _BoundedExp.apply(log_sigma2)
     if variance.requires_grad and _reusable(log_sigma2):
-        _step_sigma2[log_sigma2] = (log_sigma2._version, variance, variance._version)
+        token = object()
+        _step_sigma2[log_sigma2] = (log_sigma2._version, variance, variance._version, token)
+        variance.register_hook(functools.partial(_retire, weakref.ref(log_sigma2), token))
     return variance
 
 
-# log σ² -> (its version, σ², σ²'s version), left by `sigma2` in a training forward pass for the
-# KL of the same step, which takes it (`_current_sigma2`). Local reparameterization's variance
-# pass computes σ² and keeps it for its backward pass; the KL needs it too, forward and backward:
-# taken from here it costs no exp and, on a CPU, no parameter-sized allocation (the KL's forward
-# and backward over a ResNet-18 after its forward pass: 47 -> 28 ms on this CPU). An in-place
-# change of either tensor (of log σ²: an optimizer step) bumps its version and retires the
-# entry; one entry per parameter at most, so a forward pass whose KL is never taken holds its σ²
-# until the next one.
+# log σ² -> (its version, σ², σ²'s version, a token), left by `sigma2` in a training forward pass
+# for the KL of the same step, which takes it (`_current_sigma2`). Local reparameterization's
+# variance pass computes σ² and keeps it for its backward pass; the KL needs it too, forward and
+# backward: taken from here it costs no exp and, on a CPU, no parameter-sized allocation (the
+# KL's forward and backward over a ResNet-18 after its forward pass: 47 -> 28 ms on this CPU).
+# The entry lasts from the forward pass to its backward pass (`_retire`), so a KL computed before
+# the next forward pass computes its own σ², whatever changed log σ² in between, even writes
+# through ``.data`` that leave its version alone; an in-place change of either tensor retires it
+# sooner. A forward pass with no backward holds its σ² until the parameter's next forward pass.
 _step_sigma2: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _retire(log_sigma2: weakref.ref[Tensor], token: object, grad: Tensor) -> None:
+    """σ²'s backward hook: its step's KL has been computed, or will compute σ² itself; the token
+    tells this entry from a later forward pass's."""
+    key = log_sigma2()
+    if key is not None and _step_sigma2.get(key, (None,) * 4)[3] is token:
+        del _step_sigma2[key]
 
 
 def _reusable(log_sigma2: Tensor) -> bool:
@@ -286,7 +298,7 @@ def _current_sigma2(log_sigma2: Tensor) -> Tensor | None:
     neither has changed since; else None."""
     if not _reusable(log_sigma2):
         return None
-    version, variance, variance_version = _step_sigma2.pop(log_sigma2, (None, None, None))
+    version, variance, variance_version, _ = _step_sigma2.pop(log_sigma2, (None,) * 4)
     if variance is None or version != log_sigma2._version or variance._version != variance_version:
         return None
     return variance.detach()
