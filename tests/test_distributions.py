@@ -147,6 +147,12 @@ def test_kl_takes_sigma2_from_the_forward_pass_only_while_it_is_current():
     assert layer.weight_log_sigma2 not in kept
     layer.weight_log_sigma2.data.sub_(0.7)
     torch.testing.assert_close(layer.kl, reference_kl(layer))
+    # past the bounds, the forward pass's Σ log σ² is of the bounded log σ², as σ² is bounded
+    with torch.no_grad():
+        layer.weight_log_sigma2[0, :2] = torch.tensor([-100.0, 100.0])
+    layer(x)
+    assert layer.weight_log_sigma2 in kept
+    torch.testing.assert_close(layer.kl, reference_kl(layer))
 
 
 def test_kl_reuse_only_from_a_training_forward_pass_and_once():
@@ -166,6 +172,19 @@ def test_normal_kl_gradient_is_straight_through_past_the_scale_bounds():
     normal_kl(torch.zeros(2, dtype=torch.float64), log_sigma2, torch.tensor(0.0), torch.tensor(1.0)).backward()
     torch.testing.assert_close(log_sigma2.grad, 0.5 * (torch.tensor([MIN_SCALE, MAX_SCALE], dtype=torch.float64) ** 2 - 1))
     assert log_sigma2.grad[0] < 0 < log_sigma2.grad[1]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 4e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_sigma2_is_exp_of_log_sigma2_within_the_bounds(dtype, tolerance):
+    """σ² goes through exp2 in float32 and float64 (on a CPU, faster than MKL's exp): within a few
+    ulps of exp, clamped to the bounds, and finite at the top of float16's range."""
+    low, high = vinn.distributions._variance_bounds(dtype)
+    log_sigma2 = torch.linspace(math.log(low) - 5, math.log(high) + 5, 2001).to(dtype)
+    variance = vinn.distributions.sigma2(torch.cat([log_sigma2, torch.tensor([-math.inf, math.inf], dtype=dtype)]))
+    want = torch.cat([log_sigma2.double().exp().clamp(low, high), torch.tensor([low, high], dtype=torch.float64)])
+    subnormal = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # float16's lower bound is one
+    assert variance.dtype == dtype and variance.isfinite().all()
+    assert ((variance.double() - want).abs() <= tolerance * want + subnormal).all()
 
 
 @pytest.mark.parametrize("centred", [False, True])

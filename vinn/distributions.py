@@ -223,19 +223,38 @@ def _variance_bounds(dtype: torch.dtype) -> tuple[float, float]:
     return max(MIN_SCALE**2, info.smallest_normal * info.eps), min(MAX_SCALE**2, info.max)
 
 
-def _bounded_exp(log_sigma2: Tensor) -> Tensor:
-    # exp is monotone: clamping its result equals exponentiating the clamped input (inf and 0
-    # included), and clamping in place saves a pass over every parameter
-    return log_sigma2.exp().clamp_(*_variance_bounds(log_sigma2.dtype))
+def _exp(x: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """exp(scale x), into ``out`` (which may be ``x``) or a new tensor.
+
+    As exp2(scale log2(e) x) in float32 and float64: on a CPU torch computes exp with MKL where it
+    is built with it, and on AMD CPUs MKL's exp is ~3x slower than torch's own exp2 (2.4M floats,
+    one thread: 2.0 ms, against 1.2 ms for the multiply and exp2). The rounded product costs < 1e-6
+    relative error. 16-bit floats keep exp: rounding scale log2(e) x to 8-11 bits would err by percents.
+    """
+    if x.dtype in LOW_PRECISION:
+        return torch.mul(x, scale, out=out).exp_()
+    return torch.mul(x, scale / math.log(2), out=out).exp2_()
 
 
-def _bounded_log(log_sigma2: Tensor) -> Tensor:
-    # log σ² within the bounds of `sigma2`, so that the KL is finite for any parameter value
-    return log_sigma2.clamp(2 * math.log(MIN_SCALE), 2 * math.log(MAX_SCALE))
+def _bounded_exp(log_sigma2: Tensor) -> tuple[Tensor, Tensor | None]:
+    """σ² = exp(log σ²) within `_variance_bounds`, a new tensor, and Σ log σ² within the same bounds
+    (the KL's log term; None for 16-bit floats, whose KL is computed in float32 by `normal_kl`).
+
+    exp is monotone: exponentiating the clamped log σ² equals clamping σ² (inf and 0 included).
+    The clamped log σ² is written once, summed while it is in cache and exponentiated in place: on
+    a CPU a second parameter-sized temporary costs more than the arithmetic (its fresh pages fault).
+    The last clamp catches exp's rounding at the bounds.
+    """
+    low, high = _variance_bounds(log_sigma2.dtype)
+    if log_sigma2.dtype in LOW_PRECISION:  # there the log of a bound rounds σ²'s bound by up to 13%
+        return log_sigma2.exp().clamp_(low, high), None
+    bounded = log_sigma2.clamp(math.log(low), math.log(high))
+    log_sum = bounded.sum()
+    return _exp(bounded, 1.0, out=bounded).clamp_(low, high), log_sum
 
 
 class _BoundedExp(torch.autograd.Function):
-    """σ² = exp(log σ²) with log σ² clamped to [2 log MIN_SCALE, 2 log MAX_SCALE].
+    """`_bounded_exp` differentiable in σ² (Σ log σ² is the KL's, which writes its gradient out).
 
     The gradient is exp's, also past the bounds (straight through), so a parameter pushed beyond
     them still feels the loss and can come back. One allocation each way: on CPU, memory traffic
@@ -245,34 +264,38 @@ class _BoundedExp(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(log_sigma2: Tensor) -> Tensor:
+    def forward(log_sigma2: Tensor) -> tuple[Tensor, Tensor | None]:
         return _bounded_exp(log_sigma2)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(output)
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor | None]) -> None:
+        variance, log_sum = output
+        if log_sum is not None:
+            ctx.mark_non_differentiable(log_sum)
+        ctx.save_for_backward(variance)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (sigma2,) = ctx.saved_tensors
-        return grad * sigma2
+    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> Tensor:
+        (variance,) = ctx.saved_tensors
+        return grad * variance
 
 
 def sigma2(log_sigma2: Tensor) -> Tensor:
     """The posterior variance σ² (squared scale) from its parameter log σ², bounded and differentiable."""
-    variance = _BoundedExp.apply(log_sigma2)
+    variance, log_sum = _BoundedExp.apply(log_sigma2)
     if variance.requires_grad and _reusable(log_sigma2):
         token = object()
-        _step_sigma2[log_sigma2] = (log_sigma2._version, variance, variance._version, token)
+        _step_sigma2[log_sigma2] = (log_sigma2._version, variance, variance._version, log_sum, token)
         variance.register_hook(functools.partial(_retire, weakref.ref(log_sigma2), token))
     return variance
 
 
-# log σ² -> (its version, σ², σ²'s version, a token), left by `sigma2` in a training forward pass
-# for the KL of the same step, which takes it (`_current_sigma2`). Local reparameterization's
-# variance pass computes σ² and keeps it for its backward pass; the KL needs it too, forward and
-# backward: taken from here it costs no exp and, on a CPU, no parameter-sized allocation (the
-# KL's forward and backward over a ResNet-18 after its forward pass: 47 -> 28 ms on this CPU).
+# log σ² -> (its version, σ², σ²'s version, Σ log σ², a token), left by `sigma2` in a training
+# forward pass for the KL of the same step, which takes it (`_current_sigma2`). Local
+# reparameterization's variance pass computes σ² and keeps it for its backward pass; the KL needs
+# it too, forward and backward, and its log term needs Σ log σ², which `_bounded_exp` sums on the
+# way: taken from here they cost no exp and, on a CPU, no parameter-sized allocation (the KL's
+# forward and backward over a ResNet-18 after its forward pass: 47 -> 28 ms on this CPU).
 # The entry lasts from the forward pass to its backward pass (`_retire`), so a KL computed before
 # the next forward pass computes its own σ², whatever changed log σ² in between, even writes
 # through ``.data`` that leave its version alone; an in-place change of either tensor retires it
@@ -284,7 +307,7 @@ def _retire(log_sigma2: weakref.ref[Tensor], token: object, grad: Tensor) -> Non
     """σ²'s backward hook: its step's KL has been computed, or will compute σ² itself; the token
     tells this entry from a later forward pass's."""
     key = log_sigma2()
-    if key is not None and _step_sigma2.get(key, (None,) * 4)[3] is token:
+    if key is not None and _step_sigma2.get(key, (None,) * 5)[4] is token:
         del _step_sigma2[key]
 
 
@@ -293,15 +316,15 @@ def _reusable(log_sigma2: Tensor) -> bool:
     return not torch.compiler.is_compiling() and type(log_sigma2) in (Tensor, torch.nn.Parameter)
 
 
-def _current_sigma2(log_sigma2: Tensor) -> Tensor | None:
-    """σ² of ``log_sigma2`` as this step's forward pass computed it, taken from `_step_sigma2`, if
-    neither has changed since; else None."""
+def _current_sigma2(log_sigma2: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    """σ² of ``log_sigma2`` and Σ log σ² as this step's forward pass computed them, taken from
+    `_step_sigma2`, if neither tensor has changed since; else None."""
     if not _reusable(log_sigma2):
         return None
-    version, variance, variance_version, _ = _step_sigma2.pop(log_sigma2, (None,) * 4)
+    version, variance, variance_version, log_sum, _ = _step_sigma2.pop(log_sigma2, (None,) * 5)
     if variance is None or version != log_sigma2._version or variance._version != variance_version:
         return None
-    return variance.detach()
+    return variance.detach(), log_sum
 
 
 class _NormalDraw(torch.autograd.Function):
@@ -317,7 +340,7 @@ class _NormalDraw(torch.autograd.Function):
     @staticmethod
     def forward(loc: Tensor | None, log_sigma2: Tensor) -> Tensor:
         low, high = _variance_bounds(log_sigma2.dtype)
-        scale = log_sigma2.mul(0.5).exp_().clamp_(math.sqrt(low), math.sqrt(high))
+        scale = _exp(log_sigma2, 0.5).clamp_(math.sqrt(low), math.sqrt(high))
         noise = torch.randn_like(scale)
         return scale.mul_(noise) if loc is None else torch.addcmul(loc, scale, noise)
 
@@ -341,32 +364,34 @@ def normal_draw(loc: Tensor | None, log_sigma2: Tensor) -> Tensor:
 
 class _NormalKL(torch.autograd.Function):
     """KL(N(loc, σ²) || N(prior_loc, prior_var)) summed over elements, σ² = `sigma2` (log σ²);
-    ``sigma2``: σ² already computed (by `sigma2`, this step), or None to compute it here.
+    ``sigma2`` and ``log_sum`` (Σ log σ²): already computed (by `sigma2`, this step), or None to
+    compute them here.
 
     The gradients are written out (d/dloc = (loc - prior_loc) / prior_var, d/dlog σ² =
     (σ² / prior_var - 1) / 2) instead of left to autograd's graph of sums, broadcasts and
     accumulations: one parameter-sized allocation per gradient, and with a scalar prior one in
-    the forward pass (σ², for its sum) unless σ² is given. On CPU, where every pass over the
-    parameters is memory traffic, this took the KL's forward and backward over a ResNet-18 from
-    40 to 17 ms. The prior takes no gradient (it lives in buffers).
+    the forward pass (`_bounded_exp`'s) unless σ² and Σ log σ² are given. On CPU, where every
+    pass over the parameters is memory traffic, this took the KL's forward and backward over a
+    ResNet-18 from 40 to 17 ms. The prior takes no gradient (it lives in buffers).
     """
 
     @staticmethod
-    def forward(loc: Tensor, log_sigma2: Tensor, prior_loc: Tensor, prior_var: Tensor, sigma2: Tensor | None) -> Tensor:
-        variance = _bounded_exp(log_sigma2) if sigma2 is None else sigma2
+    def forward(
+        loc: Tensor, log_sigma2: Tensor, prior_loc: Tensor, prior_var: Tensor, sigma2: Tensor | None, log_sum: Tensor | None
+    ) -> Tensor:
+        variance, log_sum = _bounded_exp(log_sigma2) if sigma2 is None or log_sum is None else (sigma2, log_sum)
+        n = loc.numel()
         if prior_loc.dim() == 0 and prior_var.dim() == 0:
-            n = loc.numel()
             # Σ (loc - m)² expanded, so that no parameter-sized temporary is allocated
             squared_distance = torch.linalg.vector_norm(loc).square() - 2 * prior_loc * loc.sum() + n * prior_loc.square()
-            total = (variance.sum() + squared_distance) / prior_var - _bounded_log(log_sigma2).sum() + n * (prior_var.log() - 1)
+            total = (variance.sum() + squared_distance) / prior_var + n * prior_var.log()
         else:
-            terms = (variance + (loc - prior_loc).square()) / prior_var - _bounded_log(log_sigma2) + prior_var.log() - 1
-            total = terms.sum()
-        return 0.5 * total
+            total = ((variance + (loc - prior_loc).square()) / prior_var + prior_var.log()).sum()
+        return 0.5 * (total - log_sum - n)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor | None, ...], output: Tensor) -> None:
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs[:5])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -376,9 +401,9 @@ class _NormalKL(torch.autograd.Function):
         grad_log_sigma2 = None
         if ctx.needs_input_grad[1]:
             # straight through past the bounds, as `sigma2`'s gradient; a given σ² is shared, not overwritten
-            scaled = _bounded_exp(log_sigma2).mul_(0.5 * weight) if sigma2 is None else sigma2.mul(0.5 * weight)
+            scaled = _bounded_exp(log_sigma2)[0].mul_(0.5 * weight) if sigma2 is None else sigma2.mul(0.5 * weight)
             grad_log_sigma2 = scaled.sub_(0.5 * grad)
-        return grad_loc, grad_log_sigma2, None, None, None
+        return grad_loc, grad_log_sigma2, None, None, None, None
 
 
 def normal_kl(loc: Tensor, log_sigma2: Tensor, prior_loc: Tensor, prior_scale: Tensor) -> Tensor:
@@ -392,7 +417,7 @@ def normal_kl(loc: Tensor, log_sigma2: Tensor, prior_loc: Tensor, prior_scale: T
     """
     if loc.dtype in LOW_PRECISION:  # KL sums over every element: a float16 sum overflows at 65504
         loc, log_sigma2, prior_loc, prior_scale = (t.float() for t in (loc, log_sigma2, prior_loc, prior_scale))
-    return _NormalKL.apply(loc, log_sigma2, prior_loc, prior_scale.square(), _current_sigma2(log_sigma2))
+    return _NormalKL.apply(loc, log_sigma2, prior_loc, prior_scale.square(), *(_current_sigma2(log_sigma2) or (None, None)))
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
