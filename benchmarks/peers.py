@@ -1,16 +1,16 @@
 """vinn beside the libraries a user would pick instead, bayesian-torch and torchbnn, in one process.
 
-    python benchmarks/peers.py [--repeats 15] [--threads 1] [--quick] [--readme benchmarks/README.md]
+    python benchmarks/peers.py [--repeats 15] [--threads 1] [--image-size 32] [--quick] [--readme benchmarks/README.md]
 
 The peers are optional (``pip install -e ".[bench]"`` pins them): a library that is not installed
 gets a row saying so. Every figure is a ratio to the deterministic model in the same run, each
 time the median over interleaved repetitions (`run.interleaved_medians`):
 
 - **train step**: forward + KL + backward + Adam on torchvision's ResNet-18 (num_classes=10), batch
-  32 of 3x32x32, against the same step of the deterministic model (`run.train_step`). vinn's loss
-  is ``vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=N)``; the peers' is the same
-  cross-entropy + KL / N with their own KL: bayesian-torch's ``get_kl_loss(model)``, torchbnn's
-  ``BKLLoss(reduction="sum")(model)``.
+  32 of 3x32x32 (``--image-size`` for another size), against the same step of the deterministic
+  model (`run.train_step`). vinn's loss is ``vinn.ELBO(model, nn.CrossEntropyLoss(),
+  dataset_size=N)``; the peers' is the same cross-entropy + KL / N with their own KL:
+  bayesian-torch's ``get_kl_loss(model)``, torchbnn's ``BKLLoss(reduction="sum")(model)``.
 - **MC predict**: T=16 samples of class probabilities on a batch of 64, against 16 deterministic
   passes (`run.deterministic_passes`). vinn: ``vinn.predict(model.eval(), x, samples=16)``; the
   peers: what their documentation tells a user to do, a Python loop of 16 forward passes, each
@@ -176,10 +176,10 @@ FLOOR = "floor: every conv and linear computed twice, no sampling"
 
 
 def speed(
-    peers: list[str], device: torch.device, repeats: int, batch: int, predict_batch: int, samples: int
+    peers: list[str], device: torch.device, repeats: int, batch: int, predict_batch: int, samples: int, size: int
 ) -> dict[str, tuple[float, float | None]]:
-    """Train step and MC predict of each row, as ratios to the deterministic ResNet-18: row -> (train,
-    predict); the floor has no prediction row."""
+    """Train step and MC predict of each row on images of 3 x size x size, as ratios to the
+    deterministic ResNet-18: row -> (train, predict); the floor has no prediction row."""
     torch.manual_seed(0)
     det = run.resnet18(device)
     vinn_models = {
@@ -187,12 +187,12 @@ def speed(
         for e in run.ESTIMATORS
     }
     variants = {name: PEERS[name][1](det, SCALE) for name in peers}
-    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
     train = {"deterministic": run.train_step(det.train(), x, y, bayesian=False), FLOOR: run.train_step(run.two_pass(det).train(), x, y, bayesian=False)}
     train |= {name: run.train_step(model.train(), x, y, bayesian=True) for name, model in vinn_models.items()}
     train |= {name: variant.train_step(x, y) for name, variant in variants.items()}
     train_medians = interleaved_ratios(train, repeats, device)
-    x = torch.randn(predict_batch, 3, 32, 32, device=device)
+    x = torch.randn(predict_batch, 3, size, size, device=device)
     predict = {"deterministic": run.deterministic_passes(det.eval(), x, samples)}
     predict |= {name: partial(vinn.predict, model.eval(), x, samples=samples) for name, model in vinn_models.items()}
     predict |= {name: mc_loop(variant.model.eval(), x, samples) for name, variant in variants.items()}
@@ -239,14 +239,15 @@ def main(arguments: argparse.Namespace) -> str:
     repeats, batch, predict_batch, samples, draws = (1, 2, 2, 4, 10) if quick else (arguments.repeats, 32, 64, 16, arguments.draws)
     versions = {distribution: installed(distribution) for distribution, _ in PEERS.values()}
     peers = [name for name, (distribution, _) in PEERS.items() if versions[distribution] is not None]
-    speeds = speed(peers, device, repeats, batch, predict_batch, samples)
+    size = arguments.image_size
+    speeds = speed(peers, device, repeats, batch, predict_batch, samples, size)
     variances = gradient_variances(peers, device, draws)
     peer_versions = ", ".join(f"{d} {v}" for d, v in versions.items() if v is not None)
     result = table(speeds, variances, samples) + (
         f"\n\n`benchmarks/peers.py{' --quick' if quick else ''}`, {datetime.date.today()}, {platform.machine()}"
         f"{', ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
         f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, {peer_versions or 'no peer installed'}. "
-        f"Train step: batch {batch} of 3x32x32; predict: batch {predict_batch}; medians of {repeats} interleaved "
+        f"Train step: batch {batch} of 3x{size}x{size}; predict: batch {predict_batch}; medians of {repeats} interleaved "
         f"repetitions, ratios to the deterministic model. Gradient variance: MLP 784-400-400-10, batch 128, "
         f"posterior scale {run.GRADIENT_SCALE}, {draws} draws."
     )
@@ -262,6 +263,13 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as in the issue's reference table)")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved repetitions (15: about 6 minutes on one core; fewer leave the ratios to this machine's noise)")
     parser.add_argument("--draws", type=int, default=200, help="gradient draws per row of the variance column")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="height and width of the input images (default 32, as in the issue's reference table; at 32 the "
+        "deterministic model's last stage runs on 1x1 maps and most of its gradients are exactly 0, see benchmarks/README)",
+    )
     parser.add_argument("--quick", action="store_true", help="one repetition on batches of 2, T=4: checks that everything runs")
     parser.add_argument("--readme", help="Markdown file whose peers block gets the table")
     main(parser.parse_args())

@@ -103,6 +103,24 @@ def test_peer_rows_say_when_their_library_is_not_installed():
         assert f"| {name} | {distribution} not installed | | |" in text
 
 
+def test_at_32x32_most_deterministic_gradients_are_exactly_zero_and_at_64x64_almost_none():
+    """benchmarks/README: at the reference size ResNet-18's last stage runs on 1x1 maps and the outer
+    taps of its 3x3 kernels see only padding, so the deterministic model's (and the floor's) Adam
+    takes MKL's slow sqrt of zeros that no Bayesian step has; `peers.py --image-size 64` avoids it."""
+    torch.manual_seed(0)
+    model = run.resnet18(torch.device("cpu"))
+    zero_share = {}
+    for size in (32, 64):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(32, 3, size, size)), torch.randint(0, 10, (32,))).backward()
+        grads = [p.grad for p in model.parameters()]
+        zero_share[size] = sum(int((g == 0).sum()) for g in grads) / sum(g.numel() for g in grads)
+        if size == 32:  # only the centre tap of the last stage's 3x3 kernels sees its 1x1 map
+            taps = model.layer4[1].conv2.weight.grad.ne(0).flatten(0, 1).float().mean(0)
+            assert taps[1, 1] > 0.99 and taps.sum() == taps[1, 1], taps
+    assert zero_share[32] > 0.5 and zero_share[64] < 0.01, zero_share
+
+
 @pytest.mark.slow
 def test_peers_benchmark_writes_every_row_into_its_readme_block(tmp_path):
     readme = tmp_path / "README.md"

@@ -254,7 +254,8 @@ def _bounded_exp(log_sigma2: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 class _BoundedExp(torch.autograd.Function):
-    """`_bounded_exp` differentiable in σ² (Σ log σ² is the KL's, which writes its gradient out).
+    """`_bounded_exp` for autograd: σ² carries exp's gradient, Σ log σ² none (the KL, its only
+    user, writes the log term's gradient out).
 
     The gradient is exp's, also past the bounds (straight through), so a parameter pushed beyond
     them still feels the loss and can come back. One allocation each way: on CPU, memory traffic
