@@ -229,8 +229,8 @@ def _exp(x: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
     As exp2(scale log2(e) x) in float32 and float64: on a CPU torch computes exp with MKL where it
     is built with it, and on AMD CPUs MKL's exp is ~3x slower than torch's own exp2 (2.4M floats,
     one thread: 2.0 ms, against 1.2 ms for the multiply and exp2). The rounded product costs about
-    1e-6 relative error in float32 (up to 2e-6 at the ends of log σ²'s range). 16-bit floats keep exp:
-    rounding scale log2(e) x to 8-11 bits would err by percents.
+    1e-6 relative error in float32 (up to 2e-6 at the ends of log σ²'s range). 16-bit floats keep
+    exp: rounding scale log2(e) x to 8-11 bits would err by percents.
     """
     if x.dtype in LOW_PRECISION:
         return torch.mul(x, scale, out=out).exp_()
