@@ -7,7 +7,7 @@ import functools
 import math
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -285,31 +285,44 @@ class _BoundedExp(torch.autograd.Function):
 def sigma2(log_sigma2: Tensor) -> Tensor:
     """The posterior variance σ² (squared scale) from its parameter log σ², bounded and differentiable."""
     variance, log_sum = _BoundedExp.apply(log_sigma2)
-    if variance.requires_grad and _reusable(log_sigma2):
-        token = object()
-        _step_sigma2[log_sigma2] = (log_sigma2._version, variance, variance._version, log_sum, token)
+    # a 16-bit parameter's KL is computed from float32 copies (`normal_kl`): nothing to leave it
+    if variance.requires_grad and log_sum is not None and _reusable(log_sigma2):
+        token = object()  # not the entry itself: σ²'s hook holding σ² would be a reference cycle
+        _step_sigma2[log_sigma2] = _StepVariance(log_sigma2._version, variance, variance._version, log_sum, token)
         variance.register_hook(functools.partial(_retire, weakref.ref(log_sigma2), token))
     return variance
 
 
-# log σ² -> (its version, σ², σ²'s version, Σ log σ², a token), left by `sigma2` in a training
-# forward pass for the KL of the same step, which takes it (`_current_sigma2`). Local
-# reparameterization's variance pass computes σ² and keeps it for its backward pass; the KL needs
-# it too, forward and backward, and its log term needs Σ log σ², which `_bounded_exp` sums on the
-# way: taken from here they cost no exp and, on a CPU, no parameter-sized allocation (the KL's
-# forward and backward over a ResNet-18 after its forward pass: 47 -> 28 ms on this CPU).
-# The entry lasts from the forward pass to its backward pass (`_retire`), so a KL computed before
-# the next forward pass computes its own σ², whatever changed log σ² in between, even writes
-# through ``.data`` that leave its version alone; an in-place change of either tensor retires it
-# sooner. A forward pass with no backward holds its σ² until the parameter's next forward pass.
+class _StepVariance(NamedTuple):
+    """σ² and Σ log σ² of one forward pass, with the versions of log σ² and σ² they were computed
+    at, and a token that tells this entry from a later forward pass's."""
+
+    log_sigma2_version: int
+    variance: Tensor
+    variance_version: int
+    log_sum: Tensor
+    token: object
+
+
+# log σ² -> its `_StepVariance`, left by `sigma2` in a training forward pass for the KL of the same
+# step, which takes it (`_current_sigma2`). Local reparameterization's variance pass computes σ² and
+# keeps it for its backward pass; the KL needs it too, forward and backward, and its log term needs
+# Σ log σ², which `_bounded_exp` sums on the way: taken from here they cost no exp and, on a CPU, no
+# parameter-sized allocation (the KL's forward and backward over a ResNet-18 after its forward pass:
+# 47 -> 28 ms on this CPU). The entry lasts from the forward pass to its backward pass (`_retire`),
+# so a KL computed before the next forward pass computes its own σ², whatever changed log σ² in
+# between, even writes through ``.data`` that leave its version alone; an in-place change of either
+# tensor retires it sooner. A forward pass with no backward holds its σ² until the parameter's next
+# forward pass.
 _step_sigma2: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _retire(log_sigma2: weakref.ref[Tensor], token: object, grad: Tensor) -> None:
-    """σ²'s backward hook: its step's KL has been computed, or will compute σ² itself; the token
-    tells this entry from a later forward pass's."""
+    """σ²'s backward hook: its step's KL has been computed, or will compute σ² itself; a later
+    forward pass's entry (another token) stays."""
     key = log_sigma2()
-    if key is not None and _step_sigma2.get(key, (None,) * 5)[4] is token:
+    entry = None if key is None else _step_sigma2.get(key)
+    if entry is not None and entry.token is token:
         del _step_sigma2[key]
 
 
@@ -318,15 +331,13 @@ def _reusable(log_sigma2: Tensor) -> bool:
     return not torch.compiler.is_compiling() and type(log_sigma2) in (Tensor, torch.nn.Parameter)
 
 
-def _current_sigma2(log_sigma2: Tensor) -> tuple[Tensor, Tensor | None] | None:
+def _current_sigma2(log_sigma2: Tensor) -> tuple[Tensor, Tensor] | None:
     """σ² of ``log_sigma2`` and Σ log σ² as this step's forward pass computed them, taken from
     `_step_sigma2`, if neither tensor has changed since; else None."""
-    if not _reusable(log_sigma2):
+    entry = _step_sigma2.pop(log_sigma2, None) if _reusable(log_sigma2) else None
+    if entry is None or entry.log_sigma2_version != log_sigma2._version or entry.variance._version != entry.variance_version:
         return None
-    version, variance, variance_version, log_sum, _ = _step_sigma2.pop(log_sigma2, (None,) * 5)
-    if variance is None or version != log_sigma2._version or variance._version != variance_version:
-        return None
-    return variance.detach(), log_sum
+    return entry.variance.detach(), entry.log_sum
 
 
 class _NormalDraw(torch.autograd.Function):
