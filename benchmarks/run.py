@@ -46,6 +46,7 @@ from readme_blocks import rewrite_block  # noqa: E402
 import vinn  # noqa: E402
 
 ESTIMATORS = ("lrt", "flipout", "sample")
+MOMENT_FLOOR = 1e-30  # a normal float32 far below any second moment a gradient that is not 0 leaves
 DATASET_SIZE = 50_000  # the N of the ELBO's KL weight 1 / N in the training steps (CIFAR-10's)
 
 
@@ -80,15 +81,23 @@ def interleaved_medians(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bayesian: bool, compiled: bool = False) -> Callable[[], None]:
+def train_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, bayesian: bool, compiled: bool = False, moment_floor: float | None = None
+) -> Callable[[], None]:
     """forward + (KL) + backward + Adam, as in a training loop; with ``compiled``, forward and loss
-    (the KL included) go through ``torch.compile(fullgraph=True)``."""
+    (the KL included) go through ``torch.compile(fullgraph=True)``; ``moment_floor`` as for `adam_step`."""
     loss_fn = vinn.ELBO(model, nn.CrossEntropyLoss(), dataset_size=DATASET_SIZE) if bayesian else nn.CrossEntropyLoss()
-    return adam_step(model, lambda: loss_fn(model(x), y), compiled)
+    return adam_step(model, lambda: loss_fn(model(x), y), compiled, moment_floor)
 
 
-def adam_step(model: nn.Module, loss: Callable[[], torch.Tensor], compiled: bool = False) -> Callable[[], None]:
-    """``loss()`` + backward + Adam on every parameter of ``model``; ``compiled`` as for `train_step`."""
+def adam_step(
+    model: nn.Module, loss: Callable[[], torch.Tensor], compiled: bool = False, moment_floor: float | None = None
+) -> Callable[[], None]:
+    """``loss()`` + backward + Adam on every parameter of ``model``; ``compiled`` as for `train_step`.
+
+    With ``moment_floor``, one step is taken here and Adam's second moments below it (the exact
+    zeros of gradients that are always 0) are raised to it: on a CPU torch takes Adam's square root
+    with MKL, which is several times slower on zeros than on other values (benchmarks/README)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     if compiled:
         loss = torch.compile(loss, fullgraph=True)
@@ -98,6 +107,10 @@ def adam_step(model: nn.Module, loss: Callable[[], torch.Tensor], compiled: bool
         loss().backward()
         optimizer.step()
 
+    if moment_floor is not None:
+        step()
+        for state in optimizer.state.values():
+            state["exp_avg_sq"].clamp_min_(moment_floor)
     return step
 
 
@@ -161,6 +174,9 @@ def bench_training(device: torch.device, repeats: int, batch: int) -> list[tuple
         "deterministic": train_step(det, x, y, bayesian=False),
         "two passes": two_passes,
         "two passes + weight draw": two_passes_and_a_weight_draw,
+        # what the two steps above cost once their gradients' exact zeros no longer slow Adam down
+        "deterministic, no zero moments": train_step(copy.deepcopy(det), x, y, bayesian=False, moment_floor=MOMENT_FLOOR),
+        "two passes, no zero moments": train_step(two_pass(det), x, y, bayesian=False, moment_floor=MOMENT_FLOOR),
     }
     for estimator in ESTIMATORS:
         bnn = vinn.bayesify(det, config=vinn.BayesConfig().set_global(vinn.LayerSpec(estimator=estimator))).train()
@@ -172,9 +188,12 @@ def bench_training(device: torch.device, repeats: int, batch: int) -> list[tuple
     ]
     floor = f"floor: train step, resnet18 with every conv and linear computed twice (no sampling), batch {batch}"
     flipout_floor = f"floor of flipout: the same + drawing one weight set (torch.randn, {weights / 1e6:.1f}M normals), batch {batch}"
+    raised = f"Adam's second moments below {MOMENT_FLOOR:g} raised to it after one step"
     return rows + [
         (floor, medians["two passes"] / medians["deterministic"]),
         (flipout_floor, medians["two passes + weight draw"] / medians["deterministic"]),
+        (f"train step, resnet18 with {raised} / resnet18, batch {batch}", medians["deterministic, no zero moments"] / medians["deterministic"]),
+        (f"the floor's train step with {raised} / resnet18, batch {batch}", medians["two passes, no zero moments"] / medians["deterministic"]),
     ]
 
 

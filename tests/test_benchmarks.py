@@ -50,7 +50,7 @@ def test_benchmark_command_prints_every_row_and_writes_them_into_its_readme_bloc
         capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.endswith("× |")]
-    assert len(rows) == 16, result.stdout
+    assert len(rows) == 18, result.stdout
     assert any(row.startswith("| floor: train step") for row in rows)
     assert sum(row.startswith("| floor: ") for row in rows) == 3
     assert any(row.startswith("| floor of flipout: ") for row in rows)
