@@ -245,7 +245,7 @@ def test_digits_ood_benchmark_runs_in_quick_mode(tmp_path):
     )  # fmt: skip
     text = readme.read_text()
     assert "old" not in text
-    for method in ("pretrained", "bayesify full", "bayesify last layer, mean-field", "bayesify last layer, MatrixNormal", "MC dropout", "deep ensemble"):
+    for method in ("pretrained", "fine-tuned, deterministic", "bayesify full", "bayesify last layer, mean-field", "bayesify last layer, MatrixNormal", "MC dropout", "deep ensemble"):
         assert f"| {method} |" in text, text
 
 
@@ -256,17 +256,25 @@ def test_digits_ood_tables_pair_each_method_with_the_pretrained_model_by_seed():
     def result(ece: float, auroc: dict[str, float]) -> dict[str, float]:
         return dict.fromkeys(metrics, 0.5) | {"ECE": ece} | {f"AUROC noise / {s}": auroc.get(s, 0.5) for s in digits.SCORE_NAMES}
 
-    # the pretrained model is scored on noise by its max probability, the Bayesian one by its mutual information
+    # the deterministic models are scored on noise by their max probability, the Bayesian one by its mutual information
     runs = [
         {
             "pretrained": result(0.03, {"max probability": 0.80 + 0.01 * seed}),
+            "fine-tuned, deterministic": result(0.025, {"max probability": 0.78, "-mutual information": 0.99}),
             "bayesify full": result(0.02, {"-mutual information": 0.85 + 0.03 * seed}),
         }
         for seed in range(3)
     ]
     text = digits.tables(runs, ["noise"])
     paired = text.split("paired by seed")[1].split("AUROC of each")[0]
-    row = next(line for line in paired.splitlines() if line.startswith("| bayesify full |")).split(" | ")
+
+    def paired_row(method: str) -> list[str]:
+        return next(line for line in paired.splitlines() if line.startswith(f"| {method} |")).split(" | ")
+
+    row = paired_row("bayesify full")
     assert row[4] == "-0.010 ± 0.000"  # ECE: the same difference on every seed
     assert row[-1] == "+0.070 ± 0.012 |"  # AUROC: differences 0.05, 0.07, 0.09, standard error 0.02 / sqrt(3)
+    assert paired_row("fine-tuned, deterministic")[-1] == "-0.030 ± 0.006 |"  # its max probability, not the 0.99
     assert "| pretrained |" not in paired
+    per_score = text.split("AUROC of each")[1]
+    assert "| fine-tuned, deterministic | -mutual information" not in per_score

@@ -7,9 +7,12 @@ the training labels wrong, clean test labels), in the same script (``--jobs``: s
 a time, each in its own single-threaded process):
 
 1. pretrains the demo's `SmallResNet` (the deterministic baseline, the demo's own budget);
-2. evaluates six methods on the test digits and on four out-of-distribution sets (uniform noise,
+2. evaluates eight methods on the test digits and on four out-of-distribution sets (uniform noise,
    test digits rotated by 90°, inverted digits, the never-seen 9s):
    - the pretrained model itself;
+   - the pretrained model fine-tuned as the Bayesian ones are, deterministic (cross-entropy, the
+     same epochs, learning rate and frozen batch norm): what the fine-tuning does without a
+     posterior;
    - `vinn.bayesify` of every layer, the head a `vinn.MatrixNormal` whose column covariance starts
      from the training features (`vinn.init_column_covariance`), fine-tuned with `vinn.ELBO`
      (`FULL_RECIPE`);
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import datetime
 import math
 import platform
@@ -66,6 +70,7 @@ ENSEMBLE_SIZE = 5
 DROPOUT = 0.2  # MC dropout: after each residual stage (channels) and before the head
 METHODS = (
     "pretrained",
+    "fine-tuned, deterministic",
     "bayesify full",
     "bayesify last layer, mean-field",
     "bayesify last layer, MatrixNormal",
@@ -73,6 +78,8 @@ METHODS = (
     "MC dropout",
     "deep ensemble",
 )
+# Models of one sample, which have no epistemic part: scored by `DETERMINISTIC_SCORES`.
+DETERMINISTIC_METHODS = ("pretrained", "fine-tuned, deterministic")
 README_BLOCK = "digits-ood"
 LAPLACE_MISSING = "laplace-torch is not installed (pip install -e '.[bench]'): its row is skipped"
 
@@ -151,7 +158,7 @@ LAST_LAYER_RECIPE = Recipe(
 
 
 # Out-of-distribution scores, higher = more in-distribution; the last two are 0 for a model of
-# one sample (the pretrained model), so its per-score rows stop before them.
+# one sample (`DETERMINISTIC_METHODS`), so its per-score rows stop before them.
 SCORE_NAMES = ("max probability", "confidence score", "-entropy", "-mutual information", "-epistemic variance")
 DETERMINISTIC_SCORES = SCORE_NAMES[:3]
 # The score the README recommends for each kind of set (measured: the mutual information, or the
@@ -253,6 +260,16 @@ def bayesify_and_finetune(pretrained: nn.Module, recipe: Recipe, x: Tensor, y: T
     return bnn.eval()
 
 
+def finetune_deterministic(pretrained: nn.Module, x: Tensor, y: Tensor, epochs: int) -> nn.Module:
+    """A copy of ``pretrained`` fine-tuned as `bayesify_and_finetune` fine-tunes, with
+    cross-entropy instead of the ELBO: ``epochs`` epochs of Adam at the demo's fine-tuning rate,
+    batch norm frozen; returned in eval mode."""
+    model = copy.deepcopy(pretrained)
+    optimizer = torch.optim.Adam(model.parameters(), lr=demo.FINETUNE_LR)
+    demo.fit(model, nn.CrossEntropyLoss(), optimizer, x, y, epochs, desc="fine-tuning", freeze_batch_norm=True)
+    return model.eval()
+
+
 def laplace_predict(pretrained: nn.Module, x: Tensor, y: Tensor, inputs: dict[str, Tensor], samples: int, seed: int) -> dict[str, Tensor] | None:
     """laplace-torch's last-layer KFAC Laplace of ``pretrained``, fitted on ``x``, ``y``, its
     prior precision optimised by marginal likelihood: {name: (T, M, C) probabilities} of
@@ -285,9 +302,13 @@ def run_seed(seed: int, budget: Budget) -> dict[str, dict[str, float]]:
     torch.manual_seed(seed)
     dropout_model = train(with_dropout(demo.SmallResNet(), DROPOUT), x_train, y_train, budget.pretrain_epochs)
 
+    torch.manual_seed(seed)
+    finetuned = finetune_deterministic(pretrained, x_train, y_train, budget.finetune_epochs)
+
     predictions: dict[str, dict[str, Tensor] | None] = {}
     with torch.no_grad():
         predictions["pretrained"] = {k: pretrained(v).softmax(1)[None] for k, v in inputs.items()}
+        predictions["fine-tuned, deterministic"] = {k: finetuned(v).softmax(1)[None] for k, v in inputs.items()}
         predictions["deep ensemble"] = {k: torch.stack([m(v).softmax(1) for m in members]) for k, v in inputs.items()}
     predictions["MC dropout"] = {k: mc_dropout_predict(dropout_model, v, budget.samples) for k, v in inputs.items()}
     recipes = {
@@ -326,13 +347,13 @@ def tables(runs: list[dict[str, dict[str, float]]], ood_sets: list[str]) -> str:
     def mean_auroc(method: str, score: str) -> float:
         return sum(summary[method][f"AUROC {s} / {score}"][0] for s in ood_sets) / len(ood_sets)
 
-    candidates = {m: DETERMINISTIC_SCORES if m == "pretrained" else SCORE_NAMES for m in methods}
+    candidates = {m: DETERMINISTIC_SCORES if m in DETERMINISTIC_METHODS else SCORE_NAMES for m in methods}
     best = {m: max(candidates[m], key=lambda score: mean_auroc(m, score)) for m in methods}
     metrics = ["accuracy", "confidence", "NLL", "ECE", "Brier", "NLL (noisy labels)", "ECE (noisy labels)"]
     columns = metrics + [f"AUROC {s} ({recommended_score(s, deterministic=False).removeprefix('-')})" for s in ood_sets]
 
     def main_keys(method: str) -> list[str]:
-        return metrics + [f"AUROC {s} / {recommended_score(s, deterministic=method == 'pretrained')}" for s in ood_sets]
+        return metrics + [f"AUROC {s} / {recommended_score(s, deterministic=method in DETERMINISTIC_METHODS)}" for s in ood_sets]
 
     header = [f"| method | {' | '.join(columns)} |", "|---" + "|---:" * len(columns) + "|"]
     main = header + [f"| {m} | {' | '.join(cell(m, k) for k in main_keys(m))} |" for m in methods]
@@ -377,12 +398,13 @@ def main(seeds: list[int], quick: bool, out: str, jobs: int, readme: str | None 
         f"mean ± standard error over seeds {', '.join(map(str, seeds))}; {budget.pretrain_epochs} epochs of pretraining, "
         f"{budget.finetune_epochs} of fine-tuning, T = {budget.samples} samples; torch {torch.__version__}, "
         f"1 thread per seed, {jobs} seed(s) at a time, {platform.machine()}; {seconds:.0f} s.\n"
+        f"fine-tuned, deterministic: cross-entropy, Adam lr {demo.FINETUNE_LR:g}, batch norm frozen.\n"
         f"bayesify full: {FULL_RECIPE}.\nbayesify last layer, mean-field: {LAST_LAYER_RECIPE}.\n"
         f"bayesify last layer, MatrixNormal: {MATRIX_NORMAL_RECIPE}.\n"
         f"laplace-torch last layer: KFAC, prior precision by marginal likelihood, T samples of the GLM predictive"
         f"{'' if 'laplace-torch last layer' in runs[0] else f' ({LAPLACE_MISSING})'}; "
         f"MC dropout: rate {DROPOUT}, T samples; deep ensemble: its {ENSEMBLE_SIZE} members are its samples.\n"
-        "AUROC columns: each set scored as the README recommends; the pretrained model, of one sample, by the max probability "
+        "AUROC columns: each set scored as the README recommends; the deterministic models, of one sample, by the max probability "
         "where the others use the mutual information. Confidence: the mean max probability. "
         f"Noisy labels: NLL and ECE against the labels' training distribution (each kept with probability {1 - demo.LABEL_NOISE:g}, "
         "else any other class).\n"
