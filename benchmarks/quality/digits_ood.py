@@ -218,11 +218,12 @@ def evaluate(p: Tensor, y: Tensor, p_ood: dict[str, Tensor]) -> dict[str, float]
     return metrics
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int) -> nn.Module:
-    """``model`` trained as the demo pretrains (Adam, cross-entropy, cosine decay), returned in
-    eval mode. ``x``: (N, 1, 16, 16) images; ``y``: (N,) labels."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=demo.PRETRAIN_LR)
-    demo.fit(model, nn.CrossEntropyLoss(), optimizer, x, y, epochs, desc="training")
+def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float = demo.PRETRAIN_LR, freeze_batch_norm: bool = False) -> nn.Module:
+    """``model`` trained as the demo pretrains (Adam at ``lr``, cross-entropy, cosine decay; batch
+    norm's statistics kept with ``freeze_batch_norm``), returned in eval mode. ``x``: (N, 1, 16,
+    16) images; ``y``: (N,) labels."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    demo.fit(model, nn.CrossEntropyLoss(), optimizer, x, y, epochs, desc="training", freeze_batch_norm=freeze_batch_norm)
     return model.eval()
 
 
@@ -260,16 +261,6 @@ def bayesify_and_finetune(pretrained: nn.Module, recipe: Recipe, x: Tensor, y: T
     return bnn.eval()
 
 
-def finetune_deterministic(pretrained: nn.Module, x: Tensor, y: Tensor, epochs: int) -> nn.Module:
-    """A copy of ``pretrained`` fine-tuned as `bayesify_and_finetune` fine-tunes, with
-    cross-entropy instead of the ELBO: ``epochs`` epochs of Adam at the demo's fine-tuning rate,
-    batch norm frozen; returned in eval mode."""
-    model = copy.deepcopy(pretrained)
-    optimizer = torch.optim.Adam(model.parameters(), lr=demo.FINETUNE_LR)
-    demo.fit(model, nn.CrossEntropyLoss(), optimizer, x, y, epochs, desc="fine-tuning", freeze_batch_norm=True)
-    return model.eval()
-
-
 def laplace_predict(pretrained: nn.Module, x: Tensor, y: Tensor, inputs: dict[str, Tensor], samples: int, seed: int) -> dict[str, Tensor] | None:
     """laplace-torch's last-layer KFAC Laplace of ``pretrained``, fitted on ``x``, ``y``, its
     prior precision optimised by marginal likelihood: {name: (T, M, C) probabilities} of
@@ -302,8 +293,8 @@ def run_seed(seed: int, budget: Budget) -> dict[str, dict[str, float]]:
     torch.manual_seed(seed)
     dropout_model = train(with_dropout(demo.SmallResNet(), DROPOUT), x_train, y_train, budget.pretrain_epochs)
 
-    torch.manual_seed(seed)
-    finetuned = finetune_deterministic(pretrained, x_train, y_train, budget.finetune_epochs)
+    torch.manual_seed(seed)  # fine-tuned as `bayesify_and_finetune` fine-tunes, with cross-entropy instead of the ELBO
+    finetuned = train(copy.deepcopy(pretrained), x_train, y_train, budget.finetune_epochs, lr=demo.FINETUNE_LR, freeze_batch_norm=True)
 
     predictions: dict[str, dict[str, Tensor] | None] = {}
     with torch.no_grad():
