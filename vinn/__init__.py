@@ -28,6 +28,7 @@ from .layers import (
     layer_types,
     register_layer,
 )
+from .mixture import Mixture
 from .module import Module, kl
 from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 from .optim import SCALE_LR_RATIO, param_groups
@@ -77,6 +78,7 @@ __all__ = [
     "MAX_SCALE",
     "MIN_SCALE",
     "MatrixNormal",
+    "Mixture",
     "Module",
     "MultiheadAttention",
     "PretrainedPrior",

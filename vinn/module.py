@@ -4,7 +4,7 @@ and `vinn.kl` for any module."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -22,7 +22,8 @@ def kl(module: nn.Module) -> Tensor:
     A layer reachable by several paths (a shared layer) counts once, and so does a vinn layer inside
     another (a MultiheadAttention's out_proj), whose own ``.kl`` covers it, and a posterior that
     several layers share (tied weights, see `vinn.bayesify`: their ``*_log_sigma2`` parameter is one
-    object), counted with the first layer holding it. A `vinn.BayesianParameter` counts as a layer.
+    object), counted with the first layer holding it. A `vinn.BayesianParameter` counts as a layer;
+    a `vinn.Mixture`, as the mean of its members' KLs.
     0. (on the module's device) when there is no vinn layer. TypeError for anything but a
     `torch.nn.Module`. Under FSDP2 (``fully_shard``), outside ``forward`` where the parameters are
     sharded, it is the KL of the whole model on every rank, gathered in one all-reduce (see
@@ -31,7 +32,11 @@ def kl(module: nn.Module) -> Tensor:
     validation.module(module, "module")
     terms = []
     counted: set[int] = set()  # the log σ² parameters whose posterior's KL is in terms
-    for m in module.modules():
+    for m in _kl_units(module, set()):
+        subtree_kl = getattr(m, "_subtree_kl", None)
+        if subtree_kl is not None:  # a `vinn.Mixture`: its KL is not the sum of its members'
+            terms.append(subtree_kl())
+            continue
         if not isinstance(m, BayesianLayer):
             continue
         names = list(m.random_parameters())
@@ -46,6 +51,18 @@ def kl(module: nn.Module) -> Tensor:
         return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
     parameter = next(module.parameters(), None)
     return torch.zeros((), device=None if parameter is None else parameter.device)
+
+
+def _kl_units(module: nn.Module, memo: set[int]) -> Iterator[nn.Module]:
+    """``module.modules()``, except that a module with a KL of its own for everything inside it
+    (``_subtree_kl``) stands for its submodules."""
+    if id(module) in memo:
+        return
+    memo.add(id(module))
+    yield module
+    if not hasattr(module, "_subtree_kl"):
+        for child in module.children():
+            yield from _kl_units(child, memo)
 
 
 class Module(nn.Module):

@@ -8,7 +8,7 @@ import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
@@ -19,6 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import validation
 from .layers import BayesianLayer
 from .sampling import deterministic, preserved_rng, sampling_enabled, seeded, weight_draws
+
+if TYPE_CHECKING:
+    from .mixture import Mixture
 
 # Largest output of one operation in a folded forward pass, in elements, when no chunk_size is
 # given; peak memory is a small multiple of it. On a CPU, passes whose activations stay within a
@@ -573,6 +576,9 @@ def sample(
     or a module drawing noise of its own is never shared across samples. This assumes the tensors
     handed from trunk to rest are batch-first (N, ...), as checked.
 
+    A `vinn.Mixture` draws a member for each of the T samples (shared by the sample's N examples, as
+    a network drawn whole); each member's samples are computed as above, as it would be alone.
+
     Runs without gradients and does not change ``model.training``: call ``model.eval()`` first,
     as for any prediction (dropout and batch-norm behave as in the mode the model is in).
 
@@ -601,6 +607,10 @@ def _chunk_budget(tensor: Tensor) -> int:
 
 
 def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None, draw: str | None) -> Any:
+    from .mixture import Mixture  # which builds on this module
+
+    if isinstance(model, Mixture):
+        return _mixture_samples(model, batch, samples, chunk_size, draw)
     n = batch.size
     layers = _bayesian_layers(model)
     drawing = None if draw is None else _forced(draw, layers)
@@ -625,6 +635,16 @@ def _sample(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | Non
     if drawing is None:
         return _cat([_split(batch(model), 1, n) for _ in range(samples)])
     return _folded(model, batch, samples, chunk_size, drawing)
+
+
+def _mixture_samples(mixture: Mixture, batch: _Batch, samples: int, chunk_size: int | None, draw: str | None) -> Any:
+    """The outputs of ``samples`` samples of a `vinn.Mixture`, each from a member drawn uniformly
+    for it, the member's samples computed together as the member alone would be sampled."""
+    drawn = torch.randint(len(mixture.members), (samples,), device=batch.tensors()[0].device)
+    counts = torch.bincount(drawn, minlength=len(mixture.members)).tolist()
+    outputs = [_sample(member, batch, c, chunk_size, draw) for member, c in zip(mixture.members, counts) if c]
+    index = drawn.argsort(stable=True).argsort()  # sample t's place among the members' samples, member-major
+    return _map_outputs(lambda leaves, path: leaves[0][index], [_cat(outputs)])
 
 
 def _folded(model: nn.Module, batch: _Batch, samples: int, chunk_size: int | None, drawing: frozenset[BayesianLayer]) -> Any:

@@ -7,7 +7,7 @@ the training labels wrong, clean test labels), in the same script (``--jobs``: s
 a time, each in its own single-threaded process):
 
 1. pretrains the demo's `SmallResNet` (the deterministic baseline, the demo's own budget);
-2. evaluates eight methods on the test digits and on four out-of-distribution sets (uniform noise,
+2. evaluates ten methods on the test digits and on four out-of-distribution sets (uniform noise,
    test digits rotated by 90°, inverted digits, the never-seen 9s):
    - the pretrained model itself;
    - the pretrained model fine-tuned as the Bayesian ones are, deterministic (cross-entropy, the
@@ -17,6 +17,8 @@ a time, each in its own single-threaded process):
      from the training features (`vinn.init_column_covariance`), fine-tuned with `vinn.ELBO`
      (`FULL_RECIPE`);
    - the same head alone Bayesian, the recommended recipe (`MATRIX_NORMAL_RECIPE`);
+   - each of these two as a `vinn.Mixture` of 3 fine-tunings of the same pretrained model (seeds
+     s, s + 100, s + 200; the first is the single model's), predicting by T samples in all;
    - a mean-field head alone Bayesian, the earlier recipe (`LAST_LAYER_RECIPE`);
    - laplace-torch's last-layer KFAC Laplace on the same pretrained model, as its README
      recommends (``subset_of_weights="last_layer"``, ``hessian_structure="kron"``, ``fit``,
@@ -68,12 +70,23 @@ import vinn  # noqa: E402
 
 ENSEMBLE_SIZE = 5
 DROPOUT = 0.2  # MC dropout: after each residual stage (channels) and before the head
+MIXTURE_SIZE = 3
+# The recipes also run as a `vinn.Mixture` of MIXTURE_SIZE fine-tunings (`mixture_name`).
+MIXED = ("bayesify full", "bayesify last layer, MatrixNormal")
+
+
+def mixture_name(method: str) -> str:
+    return f"{method}, mixture of {MIXTURE_SIZE}"
+
+
 METHODS = (
     "pretrained",
     "fine-tuned, deterministic",
     "bayesify full",
+    mixture_name("bayesify full"),
     "bayesify last layer, mean-field",
     "bayesify last layer, MatrixNormal",
+    mixture_name("bayesify last layer, MatrixNormal"),
     "laplace-torch last layer",
     "MC dropout",
     "deep ensemble",
@@ -308,9 +321,13 @@ def run_seed(seed: int, budget: Budget) -> dict[str, dict[str, float]]:
         "bayesify last layer, MatrixNormal": MATRIX_NORMAL_RECIPE,
     }
     for method, recipe in recipes.items():
-        torch.manual_seed(seed)
-        bnn = bayesify_and_finetune(pretrained, recipe, x_train, y_train, budget.finetune_epochs)
-        predictions[method] = {k: vinn.predict(bnn, v, samples=budget.samples, generator=seed) for k, v in inputs.items()}
+        fine_tunings = []
+        for member in range(MIXTURE_SIZE if method in MIXED else 1):  # member 0 is the single model
+            torch.manual_seed(seed + 100 * member)
+            fine_tunings.append(bayesify_and_finetune(pretrained, recipe, x_train, y_train, budget.finetune_epochs))
+        models = {method: fine_tunings[0]} | ({mixture_name(method): vinn.Mixture(fine_tunings)} if method in MIXED else {})
+        for name, model in models.items():
+            predictions[name] = {k: vinn.predict(model, v, samples=budget.samples, generator=seed) for k, v in inputs.items()}
     predictions["laplace-torch last layer"] = laplace_predict(pretrained, x_train, y_train, inputs, budget.samples, seed)
 
     return {method: evaluate(p["test"], y_test, {k: p[k] for k in ood}) for method, p in predictions.items() if p is not None}
@@ -392,6 +409,7 @@ def main(seeds: list[int], quick: bool, out: str, jobs: int, readme: str | None 
         f"fine-tuned, deterministic: cross-entropy, Adam lr {demo.FINETUNE_LR:g}, batch norm frozen.\n"
         f"bayesify full: {FULL_RECIPE}.\nbayesify last layer, mean-field: {LAST_LAYER_RECIPE}.\n"
         f"bayesify last layer, MatrixNormal: {MATRIX_NORMAL_RECIPE}.\n"
+        f"mixture of {MIXTURE_SIZE}: vinn.Mixture of the recipe fine-tuned from seeds s, s + 100, s + 200, T samples in all.\n"
         f"laplace-torch last layer: KFAC, prior precision by marginal likelihood, T samples of the GLM predictive"
         f"{'' if 'laplace-torch last layer' in runs[0] else f' ({LAPLACE_MISSING})'}; "
         f"MC dropout: rate {DROPOUT}, T samples; deep ensemble: its {ENSEMBLE_SIZE} members are its samples.\n"

@@ -47,6 +47,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 from .. import validation
 from ..distributions import MatrixNormal, PosteriorFamily
 from ..layers import BayesianLayer, InitScale, layer_types
+from ..mixture import Mixture
 from ..module import Module
 from ..parametrization import BayesianParameter, bayesian_parametrizations
 from ..priors import PriorSpec
@@ -306,9 +307,15 @@ def to_deterministic(model: nn.Module) -> nn.Module:
     fallback), neither a `vinn.Module`. Works on any module containing vinn layers, such as a
     `vinn.Module` written by hand (its class is kept). Layers that share a posterior (tied weights)
     share their weight again, and a `vinn.BayesianParameter`'s parametrization is removed, leaving
-    the plain parameter at its own name, holding the loc. ``model`` is not modified.
+    the plain parameter at its own name, holding the loc. ``model`` is not modified. A model holding
+    a `vinn.Mixture`, which is no single network, is a ValueError.
     """
     validation.module(model)
+    if any(isinstance(m, Mixture) for m in model.modules()):
+        raise ValueError(
+            "model must not hold a vinn.Mixture: a vinn.Mixture has no single deterministic network; "
+            "convert its members instead, [vinn.to_deterministic(m) for m in mixture.members]"
+        )
     if isinstance(model, BayesianLayer) and not isinstance(model, BayesianParameter):
         return _torch_layer(model)
     net = copy.deepcopy(model)
