@@ -1,4 +1,4 @@
-"""vinn.Mixture: per-example draws of the mixture, stratified samples, its KL bound, training, bad input."""
+"""vinn.Mixture: a member drawn per example in a call and per sample in vinn.sample, its KL bound, training, bad input."""
 
 import math
 
@@ -40,6 +40,7 @@ def test_each_row_is_computed_by_a_member_drawn_uniformly_for_it():
     assert counts.sum() == n  # every row by some member
     se = math.sqrt(n * (1 / k) * (1 - 1 / k))  # binomial
     assert ((counts - n / k).abs() < 4 * se).all(), counts
+    assert vinn.Mixture([Shift(i) for i in range(k)])(x[:0]).shape == (0, 2)  # an empty batch, as a member would take it
 
 
 def test_a_forward_pass_samples_the_mixture_predictive():

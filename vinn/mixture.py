@@ -70,7 +70,7 @@ class Mixture(Module):
             return _map_outputs(lambda leaves, path: torch.stack(leaves).mean(0), outputs)
         drawn = torch.randint(len(self.members), (n,), device=tensors[0].device)
         rows = [(member, torch.nonzero(drawn == k).squeeze(1)) for k, member in enumerate(self.members)]
-        rows = [(member, r) for member, r in rows if len(r)]  # a member drawn for no row is not called
+        rows = [(member, r) for member, r in rows if len(r)] or rows[:1]  # a member drawn for no row is not called
         outputs = [batch.map(partial(torch.index_select, dim=0, index=r))(member) for member, r in rows]
         order = torch.cat([r for _, r in rows]).argsort()  # back to the rows' order
         return _map_outputs(lambda leaves, path: torch.cat(leaves)[order], outputs)
