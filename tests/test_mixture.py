@@ -142,7 +142,9 @@ def test_bad_input_fails_early():
     mixture = vinn.Mixture(nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]))
     with pytest.raises(ValueError, match="one batch size N"):
         mixture(torch.randn(3, 2), torch.randn(4, 2))
-    with pytest.raises(TypeError, match="batch-first tensors"):
+    with pytest.raises(TypeError, match=r"scale must be a batched torch\.Tensor \(N, \.\.\.\), got 2\.0"):
         mixture(torch.randn(3, 2), scale=2.0)
+    with pytest.raises(TypeError, match="batch-first tensors"):
+        mixture()
     with pytest.raises(ValueError, match="vinn.Mixture has no single deterministic network"):
         vinn.to_deterministic(mixture)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import validation
 from .module import Module, kl
-from .prediction import _Batch, _map_outputs
+from .prediction import _Batch, _checked, _map_outputs
 from .sampling import sampling_enabled
 
 
@@ -58,17 +58,15 @@ class Mixture(Module):
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Any:
         """Each of the N rows of the batch-first inputs computed by a member drawn uniformly for it
         (all members at their loc, averaged, inside `vinn.deterministic()`)."""
-        batch = _Batch(args, kwargs)
-        tensors = batch.tensors()
-        if not tensors or not all(isinstance(v, Tensor) and v.dim() > 0 for v in tensors):
-            raise TypeError(f"{type(self).__name__} takes batch-first tensors (N, ...) only, got {[validation.describe(v) for v in tensors]}")
-        n = tensors[0].shape[0]
-        if any(v.shape[0] != n for v in tensors):
-            raise ValueError(f"{type(self).__name__} takes tensors of one batch size N, got shapes {[tuple(v.shape) for v in tensors]}")
+        if not (args or kwargs):
+            raise TypeError(f"{type(self).__name__} takes batch-first tensors (N, ...), got no input")
+        named = {f"args[{i}]": v for i, v in enumerate(args)} | dict(kwargs)
+        batch = _checked(_Batch(args, kwargs), named, f"the inputs of {type(self).__name__}")
+        n = batch.size
         if not sampling_enabled():
             outputs = [batch(member) for member in self.members]
             return _map_outputs(lambda leaves, path: torch.stack(leaves).mean(0), outputs)
-        drawn = torch.randint(len(self.members), (n,), device=tensors[0].device)
+        drawn = torch.randint(len(self.members), (n,), device=batch.tensors()[0].device)
         rows = [(member, torch.nonzero(drawn == k).squeeze(1)) for k, member in enumerate(self.members)]
         rows = [(member, r) for member, r in rows if len(r)] or rows[:1]  # a member drawn for no row is not called
         outputs = [batch.map(partial(torch.index_select, dim=0, index=r))(member) for member, r in rows]

@@ -86,6 +86,12 @@ def _batch(x: object) -> _Batch:
         raise validation.wrong_type("x", _ACCEPTED_X, x, hint)
     if not named:
         raise validation.wrong_value("x", _ACCEPTED_X, x)
+    return _checked(batch, named, "x")
+
+
+def _checked(batch: _Batch, named: Mapping[str, Any], what: str) -> _Batch:
+    """``batch``, whose inputs ``named`` {name: value} (``what``, for the message, holds them) must
+    all be batch-first tensors of one batch size N."""
     for name, value in named.items():
         if not isinstance(value, Tensor):
             raise validation.wrong_type(name, "a batched torch.Tensor (N, ...)", value)
@@ -93,7 +99,7 @@ def _batch(x: object) -> _Batch:
             raise validation.wrong_value(name, "a batched torch.Tensor (N, ...)", value)
     sizes = {name: value.shape[0] for name, value in named.items()}
     if len(set(sizes.values())) > 1:
-        raise ValueError(f"x must hold tensors of one batch size N (all batch-first), got batch sizes {sizes}")
+        raise ValueError(f"{what} must hold tensors of one batch size N (all batch-first), got batch sizes {sizes}")
     return batch
 
 
